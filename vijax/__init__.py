@@ -1,0 +1,16 @@
+"""vijax: variational inference for JAX.
+
+Models are pure functions of a dict of latent values; guides are built automatically; the
+ELBO is optimised by any Optax optimizer inside one compiled loop.
+"""
+
+from vijax import guides
+from vijax.fit import fit, prepare_data
+from vijax.model import Latent, Model, model
+from vijax.optim import default_optimizer
+from vijax.result import Diagnostics, FitResult, Summary
+
+__version__ = "0.1.0"
+
+__all__ = ["Latent", "Model", "model", "fit", "FitResult", "Diagnostics", "Summary", "guides",
+           "default_optimizer", "prepare_data", "__version__"]

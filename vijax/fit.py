@@ -1,0 +1,302 @@
+"""``vj.fit``: validate everything, then compose target -> guide -> objective -> loop -> result."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vijax.guides.resolve import build_guide, resolve_spec
+from vijax.loop import init_state, make_chunk_runner
+from vijax.model import Model
+from vijax.objective import elbo
+from vijax.optim import default_optimizer
+from vijax.result import Diagnostics, FitResult
+
+__all__ = ["fit", "prepare_data"]
+
+MAX_INIT_TRIES = 100
+DEFAULT_CHUNK = 500
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_key(key: Any) -> jax.Array:
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                       or (key.shape == (2,) and key.dtype == jnp.uint32)):
+        return key
+    raise TypeError(f"key must be a JAX PRNG key (jax.random.key(seed)) or an int seed, "
+                    f"got {key!r}")
+
+
+def _resolve_dtype(dtype: Any) -> np.dtype:
+    default = jnp.result_type(float)
+    if dtype is None:
+        return np.dtype(default)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if dtype == np.float64 and np.dtype(default) != np.float64:
+        raise ValueError("dtype=float64 needs 64-bit JAX: call "
+                         "jax.config.update('jax_enable_x64', True) first")
+    return dtype
+
+
+def prepare_data(data: Any, dtype=None) -> Any:
+    """Validate a data pytree and move it to the device.
+
+    Floating leaves are cast to ``dtype`` (the fit's float type) so that no weak or mixed types
+    cause recompiles; integer and boolean leaves keep their type. Raises naming the data key
+    when a leaf is not numeric or holds NaN/inf.
+
+    Example:
+        >>> prepare_data({"y": [1.0, 2.0]})["y"].shape
+        (2,)
+    """
+    dtype = _resolve_dtype(dtype)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(data)
+    out = []
+    for path, leaf in leaves:
+        where = "data" + jax.tree_util.keystr(path)
+        if isinstance(leaf, jax.Array):
+            arr = leaf
+        else:
+            try:
+                arr = np.asarray(leaf)
+            except Exception as e:
+                raise TypeError(f"{where} is not an array: {e}") from None
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{where} must be numeric (float, int or bool), got dtype "
+                            f"{arr.dtype}")
+        if arr.dtype.kind == "f":
+            finite = np.asarray(jnp.isfinite(arr)) if isinstance(arr, jax.Array) \
+                else np.isfinite(arr)
+            if not finite.all():
+                bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+                value = np.asarray(arr)[bad] if bad else np.asarray(arr)
+                raise ValueError(f"{where} contains a non-finite value ({value}) at index "
+                                 f"{bad}; NaN and inf are not allowed in data")
+            arr = jnp.asarray(arr, dtype)
+        else:
+            arr = jnp.asarray(arr)
+        out.append(arr)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_log_joint(model: Model, target, data, dtype) -> None:
+    """Trace the model's density once on abstract values: it must return a float scalar."""
+    theta = jax.ShapeDtypeStruct((target.dim,), dtype)
+    shapes = {b.name: b.shape for b in target.blocks}
+    if model.factorised:
+        z = jax.eval_shape(target.constrain, theta)
+        checks = [("log_prior", lambda: model.log_prior(z), ()),
+                  ("log_likelihood", lambda: model.log_likelihood(z, data), None)]
+        for fname, call, _ in checks:
+            out = _trace(lambda c=call: jax.eval_shape(c), fname, shapes)
+            _check_float(out, fname)
+            if fname == "log_prior" and out.shape != ():
+                raise ValueError(f"log_prior must return a scalar, got shape {out.shape}")
+            if fname == "log_likelihood" and len(out.shape) != 1:
+                raise ValueError("log_likelihood must return one value per observation, "
+                                 f"shape (N,); got shape {out.shape}")
+        return
+    out = _trace(lambda: jax.eval_shape(lambda t, d: model.log_joint(target.constrain(t), d),
+                                        theta, data), "log_joint", shapes)
+    if not hasattr(out, "shape"):
+        raise TypeError(f"log_joint must return a scalar array, got {type(out)}")
+    _check_float(out, "log_joint")
+    if out.shape != ():
+        raise ValueError(f"log_joint must return a scalar, got shape {out.shape} (sum the "
+                         "per-observation terms, or use the factorised form)")
+
+
+def _trace(fn, fname: str, shapes: dict):
+    try:
+        return fn()
+    except Exception as e:
+        raise type(e)(f"the model's {fname} failed when traced with latents of shapes "
+                      f"{shapes}: {e}") from e
+
+
+def _check_float(out, fname: str) -> None:
+    if not hasattr(out, "dtype") or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"{fname} must return a floating-point value, got "
+                        f"{getattr(out, 'dtype', type(out))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled pieces, cached on hashable configuration (one program per configuration)
+@functools.lru_cache(maxsize=128)
+def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int):
+    guide = build_guide(spec, target)
+    objective = elbo(target, guide, num_particles)
+    runner = make_chunk_runner(objective, optimizer, chunk_len)
+    init_params = jax.jit(lambda key, loc: init_state(guide.init(key, loc), optimizer))
+    return guide, objective, runner, init_params
+
+
+@functools.lru_cache(maxsize=128)
+def _init_finder(target, no_jacobian: frozenset):
+    """Jitted ``(key, data, fixed (dim,), mask (dim,)) -> (tries, theta, ok)``.
+
+    Draws ``theta ~ Uniform(-2, 2)`` in unconstrained space for unmasked entries (masked
+    ones come from ``init=``) until the log density and its gradient are finite.
+    """
+    def finite_at(theta, data):
+        lp, g = jax.value_and_grad(target.log_density)(theta, data, no_jacobian)
+        return jnp.isfinite(lp) & jnp.all(jnp.isfinite(g))
+
+    def find(key, data, fixed, mask):
+        def candidate(i):
+            u = jax.random.uniform(jax.random.fold_in(key, i), fixed.shape, fixed.dtype,
+                                   -2.0, 2.0)
+            return jnp.where(mask, fixed, u)
+
+        def cond(c):
+            i, _, ok = c
+            return (~ok) & (i < MAX_INIT_TRIES)
+
+        def body(c):
+            i, _, _ = c
+            theta = candidate(i)
+            return i + 1, theta, finite_at(theta, data)
+
+        theta0 = candidate(0)
+        return jax.lax.while_loop(cond, body, (jnp.int32(1), theta0, finite_at(theta0, data)))
+
+    return jax.jit(find)
+
+
+def _initial_point(target, guide, data, init, key, dtype) -> jax.Array:
+    fixed = np.zeros((target.dim,), dtype)
+    mask = np.zeros((target.dim,), bool)
+    if init is not None:
+        if not isinstance(init, Mapping):
+            raise TypeError(f"init must be a dict from latent name to constrained value, got "
+                            f"{type(init)}")
+        target.check_values(init)
+        for name, value in init.items():
+            b = target.block(name)
+            u = np.asarray(b.transform.inv(jnp.asarray(value, dtype))).ravel()
+            if not np.all(np.isfinite(u)):
+                raise ValueError(f"init value of latent {name!r} ({value}) maps to a non-finite "
+                                 "unconstrained value; it lies on the boundary of its support")
+            fixed[b.offset:b.offset + b.size] = u
+            mask[b.offset:b.offset + b.size] = True
+    tries, theta, ok = _init_finder(target, guide.no_jacobian)(key, data, jnp.asarray(fixed),
+                                                               jnp.asarray(mask))
+    if not bool(ok):
+        if mask.all():
+            raise ValueError("the log joint or its gradient is not finite at the given init: "
+                             f"{target.describe(theta)}")
+        raise ValueError(f"no initial point with a finite log joint and gradient found in "
+                         f"{int(tries)} tries (uniform in (-2, 2) in unconstrained space); last "
+                         f"values tried: {target.describe(theta)}. Pass init= with constrained "
+                         "values where the model is finite")
+    return theta
+
+
+# ---------------------------------------------------------------------------------------------
+def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int = 2000,
+        optimizer: optax.GradientTransformation | None = None, key: Any = None,
+        num_particles: int = 1, init: Mapping[str, Any] | None = None, average: float = 0.5,
+        chunk_size: int = DEFAULT_CHUNK, dtype: Any = None) -> FitResult:
+    """Fit a variational approximation q to the posterior of ``model`` given ``data``.
+
+    Maximises the ELBO ``E_q[log p(x, z)] - E_q[log q(z)]`` over the guide's parameters in
+    the unconstrained space of the latents, with reparameterised Monte Carlo gradients and any
+    Optax optimizer, ``chunk_size`` steps per compiled ``lax.scan`` call. The returned
+    parameters are the average of the iterates over the last ``average`` fraction of steps
+    (Dhaka et al. 2020), which removes most of the noise of the last iterate.
+
+    Args:
+        model: a :class:`vijax.Model` (``vj.model`` decorator, ``vj.Model``, ``vj.from_numpyro``).
+        data: data pytree passed to the model; ``None`` uses the data bound to the model.
+        guide: ``"delta"``, ``"meanfield"``, ``"lowrank"``, ``"fullrank"``, a configured object
+            (``vj.guides.LowRank(rank=5)``), or a dict from latent name (or tuple of names) to
+            either, for a structured guide of independent blocks.
+        steps: number of optimisation steps (>= 1).
+        optimizer: an Optax ``GradientTransformation``; default :func:`default_optimizer`.
+        key: a JAX PRNG key (or int seed); ``None`` means ``jax.random.key(0)``.
+        num_particles: Monte Carlo draws per gradient estimate (>= 1), vectorised.
+        init: optional dict of *constrained* initial values for some or all latents; the rest
+            start uniform in (-2, 2) in unconstrained space, redrawn until the log joint is finite.
+        average: fraction of final steps whose iterates are averaged, in [0, 1); 0 returns the
+            last iterate.
+        chunk_size: steps per compiled call (>= 1).
+        dtype: float32 or float64 (needs ``jax_enable_x64``); default JAX's default float.
+
+    Returns:
+        A :class:`vijax.FitResult`; ``res.losses`` has shape ``(steps,)`` (negative ELBO).
+
+    Example:
+        >>> import jax, numpyro.distributions as dist, vijax as vj
+        >>> @vj.model(mu=vj.Latent())
+        ... def m(z, y):
+        ...     return dist.Normal(0, 10).log_prob(z["mu"]) + dist.Normal(z["mu"], 1).log_prob(y).sum()
+        >>> res = vj.fit(m, jax.numpy.ones(5), steps=300, key=jax.random.key(0))
+        >>> res.losses.shape
+        (300,)
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a vj.Model (use @vj.model, vj.Model or vj.from_numpyro), "
+                        f"got {type(model)}")
+    steps = _check_int("steps", steps)
+    num_particles = _check_int("num_particles", num_particles)
+    chunk_size = _check_int("chunk_size", chunk_size)
+    if not isinstance(average, int | float) or not 0.0 <= average < 1.0:
+        raise ValueError(f"average must be a fraction in [0, 1), got {average!r}")
+    optimizer = default_optimizer() if optimizer is None else optimizer
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+    key = _check_key(key)
+    dtype = _resolve_dtype(dtype)
+    target = model.target
+    data = prepare_data(model.data if data is None else data, dtype)
+    spec = resolve_spec(guide)
+    chunk_len = min(chunk_size, steps)
+    guide_fns, objective, runner, init_params = _pipeline(target, spec, num_particles,
+                                                          optimizer, chunk_len)
+    _check_log_joint(model, target, data, dtype)
+
+    t0 = time.perf_counter()
+    k_init, k_guide, k_loop = jax.random.split(key, 3)
+    theta0 = _initial_point(target, guide_fns, data, init, k_init, dtype)
+    state = init_params(k_guide, theta0)
+    total = jnp.asarray(steps, jnp.int32)
+    avg_start = jnp.asarray(steps - math.floor(average * steps), jnp.int32)
+    chunks = []
+    for _ in range(math.ceil(steps / chunk_len)):
+        state, losses = runner(state, data, k_loop, total, avg_start)
+        chunks.append(losses)
+    losses = np.concatenate([np.asarray(c) for c in chunks])[:steps]
+    wall = time.perf_counter() - t0
+
+    n_skipped = int(state.n_nonfinite)
+    if n_skipped == steps:
+        raise FloatingPointError(f"every one of the {steps} steps had a non-finite loss or "
+                                 "gradient; nothing was fitted. Check the model's log joint "
+                                 f"near the initial point {target.describe(theta0)}")
+    diagnostics = Diagnostics(n_steps=steps, n_nonfinite_skipped=n_skipped, wall_time=wall,
+                              objective=objective.name, num_particles=num_particles,
+                              final_loss=float(np.nanmean(losses[-max(1, steps // 10):])))
+    return FitResult(model=model, guide=guide_fns, guide_spec=spec, params=state.avg_params,
+                     last_params=state.params, opt_state=state.opt_state, losses=losses,
+                     diagnostics=diagnostics, optimizer=optimizer, init_point=theta0)

@@ -1,0 +1,58 @@
+"""The one functional interface every guide family implements.
+
+A guide is a bundle of pure functions over a flat unconstrained vector ``theta`` of length
+``dim``; its parameters are a pytree. Objectives only ever call these functions, so every
+objective works with every guide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Guide", "softplus", "softplus_inverse"]
+
+
+class Guide(NamedTuple):
+    """A variational family q(theta; params) over ``theta`` of shape ``(dim,)``.
+
+    Attributes:
+        name: family name (``"meanfield"``, ...).
+        dim: length of ``theta``.
+        init: ``(key, loc (dim,)) -> params``, a distribution centred at ``loc``.
+        sample: ``(key, params) -> (theta (dim,), log_q scalar)``, one reparameterised draw.
+        log_q: ``(params, theta (dim,)) -> scalar`` log density.
+        entropy: ``params -> scalar`` closed-form entropy, or ``None`` where none exists.
+        mean: ``params -> (dim,)`` the mean of ``theta`` under q.
+        no_jacobian: latents whose log-Jacobian the objective omits (point masses: their
+            optimum is then the mode of the constrained density, as MAP means).
+        point_mass: whether q is a point mass everywhere (draws are all equal).
+    """
+
+    name: str
+    dim: int
+    init: Callable[[jax.Array, jax.Array], Any]
+    sample: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]]
+    log_q: Callable[[Any, jax.Array], jax.Array]
+    entropy: Callable[[Any], jax.Array] | None
+    mean: Callable[[Any], jax.Array]
+    no_jacobian: frozenset = frozenset()
+    point_mass: bool = False
+
+
+def softplus(x: jax.Array) -> jax.Array:
+    """``log(1 + exp(x))``, the map from raw parameters to positive scales."""
+    return jax.nn.softplus(x)
+
+
+def softplus_inverse(y: jax.Array) -> jax.Array:
+    """Stable inverse of softplus for ``y > 0``: ``y + log(-expm1(-y))``.
+
+    Accurate for tiny ``y`` (``~ log y``) and large ``y`` (``~ y``), where the naive
+    ``log(exp(y) - 1)`` underflows or overflows.
+    """
+    y = jnp.asarray(y)
+    return y + jnp.log(-jnp.expm1(-y))

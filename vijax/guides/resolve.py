@@ -1,0 +1,58 @@
+"""Turn what users pass as ``guide=`` (a name, a configured object, a dict) into a Guide."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vijax.guides.base import Guide
+from vijax.guides.delta import Delta
+from vijax.guides.fullrank import FullRank
+from vijax.guides.lowrank import LowRank
+from vijax.guides.meanfield import MeanField
+from vijax.guides.structured import Structured
+
+__all__ = ["GUIDE_NAMES", "resolve_spec", "build_guide"]
+
+GUIDE_NAMES = {"delta": Delta, "meanfield": MeanField, "lowrank": LowRank,
+               "fullrank": FullRank}
+
+
+def _family(spec: Any, where: str):
+    if isinstance(spec, str):
+        try:
+            return GUIDE_NAMES[spec]()
+        except KeyError:
+            raise ValueError(f"unknown guide {spec!r}{where}; valid names are "
+                             f"{sorted(GUIDE_NAMES)}, a configured object such as "
+                             "vj.guides.LowRank(rank=5), or a dict from latent name to "
+                             "guide") from None
+    if hasattr(spec, "build") and not isinstance(spec, Structured):
+        return spec
+    raise TypeError(f"invalid guide {spec!r}{where}: expected one of {sorted(GUIDE_NAMES)}, a "
+                    "configured guide object, or (at the top level) a dict")
+
+
+def resolve_spec(guide: Any):
+    """A hashable guide specification (compile-cache key) from a name, object or dict."""
+    if isinstance(guide, Structured):
+        return guide
+    if isinstance(guide, Mapping):
+        if not guide:
+            raise ValueError("a structured guide dict must not be empty")
+        blocks = []
+        for key, spec in guide.items():
+            names = (key,) if isinstance(key, str) else tuple(key)
+            if not names or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"structured guide keys must be latent names or tuples of "
+                                 f"them, got {key!r}")
+            blocks.append((names, _family(spec, f" for latent(s) {list(names)}")))
+        return Structured(*blocks)
+    return _family(guide, "")
+
+
+def build_guide(spec, target) -> Guide:
+    """Build the Guide functions for ``target`` from a resolved spec."""
+    if isinstance(spec, Structured):
+        return spec.build_for(target)
+    return spec.build(target.dim, target.names)

@@ -1,0 +1,294 @@
+"""Adapter: a NumPyro model function becomes a :class:`vijax.model.Model`.
+
+The model is run once eagerly under ``numpyro.handlers.seed`` + ``trace`` to discover its
+sites. Every sample site that is not observed becomes a :class:`~vijax.model.Latent` of the
+site value's shape (plate dimensions included) and support ``site["fn"].support``, in site
+order. The log joint is NumPyro's own,
+
+    log p(z, x) = sum_sites scale_s * sum log p_s(value_s | ...),
+
+over latent, observed and ``numpyro.factor`` sites, evaluated by
+``numpyro.infer.util.log_density`` at *constrained* latent values (no Jacobian: vijax adds it
+in :mod:`vijax.target`).
+
+Data: ``(args, kwargs)`` is flattened with ``jax.tree_util``. Leaves that are arrays (NumPy or
+JAX, any dtype and rank, 0-d included), NumPy floating scalars and Python ``float`` are
+*dynamic*: they form ``Model.data`` (a tuple) and are traced, so refitting on new values of the
+same shapes reuses the compiled code. Everything else (``int``, ``bool``, NumPy integer
+scalars, ``None``, strings, callables, other objects) is *static*: baked into the log joint and
+part of the cache key. Python floats are dynamic on purpose (a float that is a compile-time
+constant recompiles on every new value); to make a float static, bind it with
+``functools.partial`` or a closure.
+
+Supports are read from the eager trace and fixed: a support whose parameters depend on the
+data (``Uniform(0, x.max())``) is baked in for that data, and new data that changes it gives a
+new target (a recompile, never a wrong support).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import numpy as np
+from numpyro import handlers
+from numpyro.infer.util import log_density
+
+from vijax.model import Latent, Model
+
+__all__ = ["from_numpyro"]
+
+_CACHE_SIZE = 128
+_cache: collections.OrderedDict[Hashable, Model] = collections.OrderedDict()
+_cache_lock = threading.Lock()
+
+
+class _Dynamic:
+    """Placeholder for a dynamic leaf inside the static-leaf tuple (a singleton)."""
+
+    def __repr__(self) -> str:
+        return "<dynamic>"
+
+
+_DYNAMIC = _Dynamic()
+
+
+def _model_name(model_fn: Callable) -> str:
+    fn = getattr(model_fn, "func", model_fn)  # functools.partial
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _is_dynamic(leaf: Any) -> bool:
+    if isinstance(leaf, jax.Array | np.ndarray):
+        return True
+    if isinstance(leaf, np.generic):
+        return np.issubdtype(leaf.dtype, np.floating)
+    return isinstance(leaf, float)
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[Any, tuple, tuple]:
+    """``(args, kwargs)`` -> treedef, static leaves (``_DYNAMIC`` holes), dynamic leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    static = tuple(_DYNAMIC if _is_dynamic(x) else x for x in leaves)
+    dynamic = tuple(x for x in leaves if _is_dynamic(x))
+    return treedef, static, dynamic
+
+
+def _make_log_joint(model_fn: Callable, name: str, treedef: Any, static: tuple
+                    ) -> Callable[[dict, tuple], Any]:
+    holes = tuple(i for i, x in enumerate(static) if x is _DYNAMIC)
+
+    def log_joint(z: dict, data: tuple) -> jax.Array:
+        if not isinstance(data, tuple | list) or len(data) != len(holes):
+            raise ValueError(
+                f"numpyro model {name!r}: data must be the tuple of {len(holes)} array/float "
+                f"leaves of (args, kwargs) made by from_numpyro (Model.data), got {data!r}")
+        leaves = list(static)
+        for i, leaf in zip(holes, data, strict=True):
+            leaves[i] = leaf
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+        return log_density(model_fn, args, kwargs, z)[0]
+
+    log_joint.__name__ = f"log_joint_{name}"
+    log_joint.__qualname__ = log_joint.__name__
+    return log_joint
+
+
+def _trace(model_fn: Callable, args: tuple, kwargs: dict, seed: int) -> dict:
+    with handlers.trace() as tr, handlers.seed(rng_seed=seed):
+        model_fn(*args, **kwargs)
+    return tr
+
+
+def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
+    """Latent sample sites in site order; raises on what vijax cannot handle yet."""
+    latents = {}
+    for site_name, site in tr.items():
+        kind = site["type"]
+        if kind == "param":
+            raise ValueError(
+                f"numpyro model {name!r}: site {site_name!r} is a numpyro.param; learnable "
+                "parameters are not supported yet: give it a prior with numpyro.sample (a "
+                "point estimate of it is the delta guide) or pass it as data")
+        if kind == "plate":
+            size, subsample_size = site["args"]
+            if subsample_size is not None and subsample_size < size:
+                raise ValueError(
+                    f"numpyro model {name!r}: plate {site_name!r} subsamples "
+                    f"{subsample_size} of {size}; subsampling plates are not supported: "
+                    "drop subsample_size (vijax evaluates the full data set)")
+        if kind != "sample" or site["is_observed"]:
+            continue
+        support = site["fn"].support
+        if support.is_discrete:
+            raise ValueError(
+                f"numpyro model {name!r}: latent site {site_name!r} has a discrete support "
+                f"({support}); discrete latents are not supported yet: marginalise it out "
+                "(e.g. with a mixture distribution) or observe it")
+        if not site_name.isidentifier():
+            raise ValueError(
+                f"numpyro model {name!r}: latent site name {site_name!r} is not a Python "
+                "identifier, which vijax latent names must be; rename the site")
+        latents[site_name] = site
+    if not latents:
+        raise ValueError(
+            f"numpyro model {name!r} has no latent sample sites (every sample site is "
+            "observed); there is nothing to infer")
+    return latents
+
+
+def _support_leaves(support: Any) -> tuple[list[np.ndarray], Any]:
+    leaves, treedef = jax.tree_util.tree_flatten(support)
+    return [np.asarray(x) for x in leaves], treedef
+
+
+def _check_fixed_supports(first: dict[str, dict], second: dict[str, dict], name: str) -> None:
+    """Supports must not depend on other latents: compare two traces with different seeds."""
+    if list(first) != list(second):
+        raise ValueError(
+            f"numpyro model {name!r}: its latent sites change from run to run ({list(first)} "
+            f"vs {list(second)}); the set of sites must not depend on sampled values")
+    for site_name, site in first.items():
+        a, ta = _support_leaves(site["fn"].support)
+        b, tb = _support_leaves(second[site_name]["fn"].support)
+        same = ta == tb and all(x.shape == y.shape and np.array_equal(x, y, equal_nan=True)
+                                for x, y in zip(a, b, strict=True))
+        if not same:
+            raise ValueError(
+                f"numpyro model {name!r}: the support of latent site {site_name!r} depends on "
+                f"other latents ({site['fn'].support} vs {second[site_name]['fn'].support} in "
+                "two prior draws); vijax needs fixed supports: reparameterise, e.g. "
+                "Uniform(0, a) as a * Uniform(0, 1) with numpyro.deterministic")
+
+
+def _signature(latents: dict[str, Latent]) -> tuple:
+    sig = []
+    for site_name, lat in latents.items():
+        leaves, treedef = _support_leaves(lat.support)
+        params = tuple((x.shape, x.dtype.str, x.tobytes()) for x in leaves)
+        sig.append((site_name, lat.shape, treedef, params))
+    return tuple(sig)
+
+
+def _cache_key(model_fn: Callable, treedef: Any, static: tuple,
+               latents: dict[str, Latent]) -> Hashable | None:
+    """Hashable key, or ``None`` where something in it is unhashable (memoisation skipped)."""
+    typed = tuple(x if x is _DYNAMIC else (type(x), x) for x in static)  # 1 vs True
+    key = (model_fn, treedef, typed, _signature(latents))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _cache_get(key: Hashable) -> Model | None:
+    with _cache_lock:
+        try:
+            template = _cache.get(key)
+        except (TypeError, ValueError):  # an __eq__ that cannot answer
+            return None
+        if template is not None:
+            _cache.move_to_end(key)
+        return template
+
+
+def _cache_put(key: Hashable, template: Model) -> None:
+    with _cache_lock:
+        _cache[key] = template
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+
+
+def _clear_cache() -> None:
+    """Forget every memoised model (for tests)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Model:
+    """A vijax :class:`~vijax.model.Model` from a NumPyro model function and its arguments.
+
+    The model is traced eagerly (``numpyro.handlers.seed`` + ``trace``) at ``args`` and
+    ``kwargs``; each unobserved sample site becomes a latent named after the site, with the
+    site value's shape (plate dimensions included) and the distribution's support, in site
+    order (which is also the order of the blocks of the unconstrained vector ``theta``).
+    Observed sites, ``numpyro.deterministic``, ``numpyro.factor`` and (non-subsampling)
+    plates are supported. The log joint at constrained values is
+    ``numpyro.infer.util.log_density(model_fn, args, kwargs, z)[0]``, with no Jacobian.
+
+    Array and float leaves of ``(args, kwargs)`` are the model's ``data``: a tuple of those
+    leaves in ``jax.tree_util`` flattening order; every other leaf (ints, ``None``, strings,
+    callables) is static (see the module docstring). Calls with the same ``model_fn``, the
+    same static leaves and the same latent shapes and supports return models sharing one
+    ``target`` (the compile-cache key), so refitting on new data of the same shapes does not
+    recompile. Memoisation is skipped when a static leaf is unhashable.
+
+    Args:
+        model_fn: a NumPyro model, ``model_fn(*args, **kwargs)``.
+        *args: positional arguments of ``model_fn`` (data, sizes, ...).
+        **kwargs: keyword arguments of ``model_fn`` (e.g. ``y=y_obs``).
+
+    Returns:
+        A :class:`~vijax.model.Model` with ``latents`` ``{site: Latent(shape, support)}``,
+        ``log_joint(z, data) -> scalar`` and ``data`` the tuple of dynamic leaves.
+
+    Raises:
+        TypeError: ``model_fn`` is not callable.
+        ValueError: the model has no latent site, a latent site is discrete, a site is a
+            ``numpyro.param``, a plate subsamples, or a latent's support depends on other
+            latents (the site or plate is named).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import numpyro
+        >>> import numpyro.distributions as dist
+        >>> def regression(x, y=None):
+        ...     w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+        ...     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        ...     with numpyro.plate("obs", x.shape[0]):
+        ...         numpyro.sample("y", dist.Normal(w * x, sigma), obs=y)
+        >>> x = jnp.arange(4.0)
+        >>> m = from_numpyro(regression, x, y=2.0 * x)
+        >>> {k: (v.shape, str(v.support)) for k, v in m.latents.items()}
+        {'w': ((), 'Real()'), 'sigma': ((), 'Positive(lower_bound=0.0)')}
+        >>> len(m.data)  # x and y
+        2
+        >>> from_numpyro(regression, x + 1.0, y=x).target is m.target  # no recompile
+        True
+    """
+    if not callable(model_fn):
+        raise TypeError(f"from_numpyro needs a NumPyro model function, got {model_fn!r}")
+    name = _model_name(model_fn)
+    treedef, static, data = _split(args, kwargs)
+
+    sites = _latent_sites(_trace(model_fn, args, kwargs, seed=0), name)
+    latents = {site_name: Latent(shape=np.shape(site["value"]), support=site["fn"].support)
+               for site_name, site in sites.items()}
+
+    _check_fixed_supports(sites, _latent_sites(_trace(model_fn, args, kwargs, seed=1), name),
+                          name)
+
+    key = _cache_key(model_fn, treedef, static, latents)
+    template = _cache_get(key) if key is not None else None
+    if template is not None:
+        return template.with_data(data)
+
+    log_joint = _make_log_joint(model_fn, name, treedef, static)
+    z = {site_name: site["value"] for site_name, site in sites.items()}
+    try:  # one abstract evaluation: fail here, not inside the compiled fit
+        jax.eval_shape(log_joint, z, data)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+            jax.errors.TracerArrayConversionError) as e:
+        raise ValueError(
+            f"numpyro model {name!r} uses a dynamic (array or float) argument as a Python or "
+            "NumPy value, e.g. in an `if`, as a size or in np.*; pass sizes as Python ints, "
+            "use jnp, or bind the value "
+            f"with functools.partial so that it is static. JAX said: {e}") from None
+    model = Model(log_joint=log_joint, latents=latents, data=data)
+    if key is not None:
+        _cache_put(key, model)
+    return model

@@ -1,0 +1,165 @@
+"""The fit result: immutable; draws, means and summaries in the constrained space."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vijax.guides.base import Guide
+
+__all__ = ["FitResult", "Diagnostics", "Summary"]
+
+
+class Diagnostics(NamedTuple):
+    """What the fit did. ``final_loss`` is the mean loss over the last 10% of steps."""
+
+    n_steps: int
+    n_nonfinite_skipped: int
+    wall_time: float
+    objective: str
+    num_particles: int
+    final_loss: float
+
+
+@functools.lru_cache(maxsize=128)
+def _sampler(target, guide: Guide):
+    """Jitted ``(keys (n,), params) -> dict of constrained draws (n, *shape)``."""
+
+    def draw(key, params):
+        theta, _ = guide.sample(key, params)
+        return target.constrain(theta)
+
+    return jax.jit(jax.vmap(draw, in_axes=(0, None)))
+
+
+_QUANTILES = (0.05, 0.5, 0.95)
+
+
+class Summary(Mapping):
+    """Per-latent posterior summary: ``summary["mu"]["mean"]`` etc.; prints as a table.
+
+    Each latent maps to a dict with keys ``mean``, ``sd``, ``q05``, ``q50``, ``q95``, arrays of
+    the latent's shape.
+    """
+
+    def __init__(self, stats: dict[str, dict[str, np.ndarray]], n_draws: int):
+        self._stats = stats
+        self.n_draws = n_draws
+
+    def __getitem__(self, name):
+        return self._stats[name]
+
+    def __iter__(self):
+        return iter(self._stats)
+
+    def __len__(self):
+        return len(self._stats)
+
+    def rows(self) -> list[tuple[str, float, float, float, float, float]]:
+        """One row per latent element: ``(label, mean, sd, q05, q50, q95)``."""
+        rows = []
+        for name, s in self._stats.items():
+            shape = s["mean"].shape
+            for idx in np.ndindex(*shape):
+                label = name + (("[" + ",".join(map(str, idx)) + "]") if shape else "")
+                rows.append((label, *(float(s[k][idx]) for k in ("mean", "sd", "q05", "q50",
+                                                                   "q95"))))
+        return rows
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        width = max(8, *(len(r[0]) for r in rows))
+        head = f"{'':<{width}} {'mean':>10} {'sd':>10} {'5%':>10} {'50%':>10} {'95%':>10}"
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r[0]:<{width}} " + " ".join(f"{v:>10.4g}" for v in r[1:]))
+        lines.append(f"({self.n_draws} draws from the fitted guide)")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitResult:
+    """The outcome of :func:`vijax.fit`.
+
+    Attributes:
+        model: the fitted :class:`vijax.Model`.
+        guide: the guide functions (:class:`vijax.guides.Guide`); ``guide_spec`` its config.
+        params: fitted guide parameters (the tail average of the iterates).
+        last_params: parameters at the last step.
+        opt_state: optimizer state at the last step.
+        losses: ``(steps,)`` numpy array, the loss (negative ELBO) at every step.
+        diagnostics: :class:`Diagnostics`.
+        optimizer: the Optax transformation used.
+        init_point: ``(dim,)`` unconstrained point the guide was centred on at the start.
+    """
+
+    model: Any
+    guide: Guide
+    guide_spec: Any
+    params: Any
+    last_params: Any
+    opt_state: Any
+    losses: np.ndarray
+    diagnostics: Diagnostics
+    optimizer: Any
+    init_point: Any
+
+    @property
+    def target(self):
+        return self.model.target
+
+    def sample(self, key: jax.Array, n: int) -> dict[str, jax.Array]:
+        """Draw ``n`` samples from q, mapped to the constrained space.
+
+        Returns:
+            dict from latent name to an array of shape ``(n, *latent_shape)``.
+
+        Example:
+            >>> draws = res.sample(jax.random.key(1), 1000)  # doctest: +SKIP
+        """
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if not isinstance(key, jax.Array):
+            raise TypeError(f"key must be a JAX PRNG key, got {key!r}")
+        keys = jax.random.split(key, int(n))
+        return _sampler(self.target, self.guide)(keys, self.params)
+
+    def mean(self, key: jax.Array | None = None, n: int = 4000) -> dict[str, jax.Array]:
+        """Posterior mean of every latent (constrained space).
+
+        Exact for latents with real support (the guide's mean); for the others a Monte Carlo
+        estimate from ``n`` draws (key default ``jax.random.key(0)``: deterministic).
+
+        Returns:
+            dict from latent name to an array of the latent's shape.
+        """
+        exact = self.target.unravel(self.guide.mean(self.params))
+        need_mc = [b for b in self.target.blocks if not b.is_identity]
+        draws = self.sample(jax.random.key(0) if key is None else key, n) if need_mc else {}
+        out = {}
+        for b in self.target.blocks:
+            out[b.name] = (exact[b.name].reshape(b.shape) if b.is_identity
+                           else jnp.mean(draws[b.name], axis=0))
+        return out
+
+    def summary(self, key: jax.Array | None = None, n: int = 4000) -> Summary:
+        """Mean, sd and 5/50/95% quantiles per latent element from ``n`` draws of q.
+
+        Returns a :class:`Summary` (a mapping; ``print`` it for a table).
+        """
+        draws = self.sample(jax.random.key(0) if key is None else key, n)
+        stats = {}
+        for name, d in draws.items():
+            d = np.asarray(d, np.float64)
+            q = np.quantile(d, _QUANTILES, axis=0)
+            stats[name] = {"mean": d.mean(0), "sd": d.std(0, ddof=1) if n > 1 else
+                           np.zeros(d.shape[1:]), "q05": q[0], "q50": q[1], "q95": q[2]}
+        return Summary(stats, int(n))
