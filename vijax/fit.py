@@ -250,7 +250,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
         >>> import jax, numpyro.distributions as dist, vijax as vj
         >>> @vj.model(mu=vj.Latent())
         ... def m(z, y):
-        ...     return dist.Normal(0, 10).log_prob(z["mu"]) + dist.Normal(z["mu"], 1).log_prob(y).sum()
+        ...     lp = dist.Normal(0, 10).log_prob(z["mu"])
+        ...     return lp + dist.Normal(z["mu"], 1).log_prob(y).sum()
         >>> res = vj.fit(m, jax.numpy.ones(5), steps=300, key=jax.random.key(0))
         >>> res.losses.shape
         (300,)

@@ -1,9 +1,10 @@
 """Adapter: a NumPyro model function becomes a :class:`vijax.model.Model`.
 
-The model is run once eagerly under ``numpyro.handlers.seed`` + ``trace`` to discover its
-sites. Every sample site that is not observed becomes a :class:`~vijax.model.Latent` of the
-site value's shape (plate dimensions included) and support ``site["fn"].support``, in site
-order. The log joint is NumPyro's own,
+The model is run eagerly under ``numpyro.handlers.seed`` + ``trace`` to discover its sites
+(twice, at two latent points, to check that no support depends on another latent). Every
+sample site that is not observed becomes a :class:`~vijax.model.Latent` of the site value's
+shape (plate dimensions included) and support ``site["fn"].support``, in site order.
+The log joint is NumPyro's own,
 
     log p(z, x) = sum_sites scale_s * sum log p_s(value_s | ...),
 
@@ -28,13 +29,18 @@ new target (a recompile, never a wrong support).
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
+import math
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
+from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
 from vijax.model import Latent, Model
@@ -77,19 +83,23 @@ def _split(args: tuple, kwargs: dict) -> tuple[Any, tuple, tuple]:
     return treedef, static, dynamic
 
 
+def _rebuild(treedef: Any, static: tuple, data: tuple | list) -> tuple[tuple, dict]:
+    """Inverse of :func:`_split`: ``(args, kwargs)`` from static leaves and dynamic ones."""
+    it = iter(data)
+    leaves = [next(it) if x is _DYNAMIC else x for x in static]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def _make_log_joint(model_fn: Callable, name: str, treedef: Any, static: tuple
                     ) -> Callable[[dict, tuple], Any]:
-    holes = tuple(i for i, x in enumerate(static) if x is _DYNAMIC)
+    n_dynamic = sum(x is _DYNAMIC for x in static)
 
     def log_joint(z: dict, data: tuple) -> jax.Array:
-        if not isinstance(data, tuple | list) or len(data) != len(holes):
+        if not isinstance(data, tuple | list) or len(data) != n_dynamic:
             raise ValueError(
-                f"numpyro model {name!r}: data must be the tuple of {len(holes)} array/float "
+                f"numpyro model {name!r}: data must be the tuple of {n_dynamic} array/float "
                 f"leaves of (args, kwargs) made by from_numpyro (Model.data), got {data!r}")
-        leaves = list(static)
-        for i, leaf in zip(holes, data, strict=True):
-            leaves[i] = leaf
-        args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+        args, kwargs = _rebuild(treedef, static, data)
         return log_density(model_fn, args, kwargs, z)[0]
 
     log_joint.__name__ = f"log_joint_{name}"
@@ -97,8 +107,44 @@ def _make_log_joint(model_fn: Callable, name: str, treedef: Any, static: tuple
     return log_joint
 
 
-def _trace(model_fn: Callable, args: tuple, kwargs: dict, seed: int) -> dict:
-    with handlers.trace() as tr, handlers.seed(rng_seed=seed):
+@contextlib.contextmanager
+def _explain_tracer_errors(name: str) -> Iterator[None]:
+    try:
+        yield
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+            jax.errors.TracerArrayConversionError) as e:
+        raise ValueError(
+            f"numpyro model {name!r} uses a dynamic (array or float) argument, or a latent, as "
+            "a Python or NumPy value, e.g. in an `if`, as a size or in np.*; pass sizes as "
+            "Python ints, use jnp, or bind the value with functools.partial so that it is "
+            f"static. JAX said: {e}") from None
+
+
+def _fill_latent(msg: dict, shift: float) -> Any:
+    """Value of an unconstrained-grid point for a continuous latent site (else ``None``)."""
+    if msg["type"] != "sample" or msg["is_observed"] or msg["fn"].support.is_discrete:
+        return None
+    fn = msg["fn"]
+    try:
+        transform = biject_to(fn.support)
+    except NotImplementedError:
+        return None  # vijax.target raises naming the latent
+    shape = tuple(msg["kwargs"].get("sample_shape") or ()) + tuple(
+        transform.inverse_shape(fn.shape()))
+    grid = shift + 0.5 * np.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape)
+    return transform(jnp.asarray(grid, jnp.result_type(float)))
+
+
+def _trace(model_fn: Callable, args: tuple, kwargs: dict, shift: float) -> dict:
+    """Trace with each latent set to ``biject_to(support)(shift + small grid)``.
+
+    A fixed grid instead of prior draws: prior samplers (Gamma's rejection loop, LKJ, ...) run
+    eagerly compile op by op and take seconds, and the values need only lie in the support
+    and differ between two traces (for :func:`_check_fixed_supports`).
+    """
+    with (handlers.trace() as tr,
+          handlers.substitute(substitute_fn=functools.partial(_fill_latent, shift=shift)),
+          handlers.seed(rng_seed=0)):
         model_fn(*args, **kwargs)
     return tr
 
@@ -140,13 +186,46 @@ def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
     return latents
 
 
+def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple
+              ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any]]:
+    """Latent shapes/dtypes and supports from one abstract trace (nothing is compiled).
+
+    The dynamic data are abstract, as in the compiled fit, so a model that cannot run on them
+    fails here. A support whose parameters are traced depends on data or on other latents:
+    those models are traced eagerly twice (at two latent points) to get concrete supports and
+    to reject supports that depend on latents.
+    """
+    found: dict[str, tuple] = {}
+
+    def run(data: tuple) -> None:
+        args, kwargs = _rebuild(treedef, static, data)
+        for site_name, site in _latent_sites(_trace(model_fn, args, kwargs, 0.0), name).items():
+            value, support = site["value"], site["fn"].support
+            traced = any(isinstance(x, jax.core.Tracer)
+                         for x in jax.tree_util.tree_leaves(support))
+            found[site_name] = (jax.ShapeDtypeStruct(jnp.shape(value), jnp.result_type(value)),
+                                None if traced else support)
+
+    with _explain_tracer_errors(name):
+        jax.eval_shape(run, data)
+    values = {k: v for k, (v, _) in found.items()}
+    supports = {k: sup for k, (_, sup) in found.items()}
+    if any(sup is None for sup in supports.values()):
+        args, kwargs = _rebuild(treedef, static, data)
+        first = _latent_sites(_trace(model_fn, args, kwargs, 0.0), name)
+        second = _latent_sites(_trace(model_fn, args, kwargs, 0.7), name)
+        _check_fixed_supports(first, second, name)
+        supports = {k: site["fn"].support for k, site in first.items()}
+    return values, supports
+
+
 def _support_leaves(support: Any) -> tuple[list[np.ndarray], Any]:
     leaves, treedef = jax.tree_util.tree_flatten(support)
     return [np.asarray(x) for x in leaves], treedef
 
 
 def _check_fixed_supports(first: dict[str, dict], second: dict[str, dict], name: str) -> None:
-    """Supports must not depend on other latents: compare two traces with different seeds."""
+    """Supports must not depend on other latents: compare traces at two latent points."""
     if list(first) != list(second):
         raise ValueError(
             f"numpyro model {name!r}: its latent sites change from run to run ({list(first)} "
@@ -159,8 +238,8 @@ def _check_fixed_supports(first: dict[str, dict], second: dict[str, dict], name:
         if not same:
             raise ValueError(
                 f"numpyro model {name!r}: the support of latent site {site_name!r} depends on "
-                f"other latents ({site['fn'].support} vs {second[site_name]['fn'].support} in "
-                "two prior draws); vijax needs fixed supports: reparameterise, e.g. "
+                f"other latents ({site['fn'].support} vs {second[site_name]['fn'].support} at "
+                "two points); vijax needs fixed supports: reparameterise, e.g. "
                 "Uniform(0, a) as a * Uniform(0, 1) with numpyro.deterministic")
 
 
@@ -212,10 +291,11 @@ def _clear_cache() -> None:
 def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Model:
     """A vijax :class:`~vijax.model.Model` from a NumPyro model function and its arguments.
 
-    The model is traced eagerly (``numpyro.handlers.seed`` + ``trace``) at ``args`` and
-    ``kwargs``; each unobserved sample site becomes a latent named after the site, with the
-    site value's shape (plate dimensions included) and the distribution's support, in site
-    order (which is also the order of the blocks of the unconstrained vector ``theta``).
+    The model is traced eagerly (``numpyro.handlers.seed`` + ``trace``, each latent set to a
+    fixed point of its support) at ``args`` and ``kwargs``; each unobserved sample site
+    becomes a latent named after the site, with the site value's shape (plate dimensions
+    included) and the distribution's support, in site order (which is also the order of the
+    blocks of the unconstrained vector ``theta``).
     Observed sites, ``numpyro.deterministic``, ``numpyro.factor`` and (non-subsampling)
     plates are supported. The log joint at constrained values is
     ``numpyro.infer.util.log_density(model_fn, args, kwargs, z)[0]``, with no Jacobian.
@@ -265,12 +345,8 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     name = _model_name(model_fn)
     treedef, static, data = _split(args, kwargs)
 
-    sites = _latent_sites(_trace(model_fn, args, kwargs, seed=0), name)
-    latents = {site_name: Latent(shape=np.shape(site["value"]), support=site["fn"].support)
-               for site_name, site in sites.items()}
-
-    _check_fixed_supports(sites, _latent_sites(_trace(model_fn, args, kwargs, seed=1), name),
-                          name)
+    values, supports = _discover(model_fn, name, treedef, static, data)
+    latents = {k: Latent(shape=v.shape, support=supports[k]) for k, v in values.items()}
 
     key = _cache_key(model_fn, treedef, static, latents)
     template = _cache_get(key) if key is not None else None
@@ -278,16 +354,8 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
         return template.with_data(data)
 
     log_joint = _make_log_joint(model_fn, name, treedef, static)
-    z = {site_name: site["value"] for site_name, site in sites.items()}
-    try:  # one abstract evaluation: fail here, not inside the compiled fit
-        jax.eval_shape(log_joint, z, data)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
-            jax.errors.TracerArrayConversionError) as e:
-        raise ValueError(
-            f"numpyro model {name!r} uses a dynamic (array or float) argument as a Python or "
-            "NumPy value, e.g. in an `if`, as a size or in np.*; pass sizes as Python ints, "
-            "use jnp, or bind the value "
-            f"with functools.partial so that it is static. JAX said: {e}") from None
+    with _explain_tracer_errors(name):  # one abstract evaluation: fail here, not in the fit
+        jax.eval_shape(log_joint, values, data)
     model = Model(log_joint=log_joint, latents=latents, data=data)
     if key is not None:
         _cache_put(key, model)

@@ -38,7 +38,8 @@ def elbo(target, guide: Guide, num_particles: int = 1) -> Objective:
         num_particles: K, the number of draws averaged per estimate.
 
     Returns:
-        ``Objective("neg_elbo", loss)`` with ``loss(key, params, data) -> scalar``.
+        ``Objective("neg_elbo", loss)`` with ``loss(key, params, data) -> scalar``
+        (``"neg_log_joint"`` for point-mass guides, where it is ``-log p~(loc)``).
     """
     no_jacobian = guide.no_jacobian
     use_entropy = guide.entropy is not None
@@ -59,4 +60,5 @@ def elbo(target, guide: Guide, num_particles: int = 1) -> Objective:
             value = value + guide.entropy(params)
         return -value
 
-    return Objective("neg_elbo", loss)
+    # With a point mass the "ELBO" is log p(loc): name the loss for what it is.
+    return Objective("neg_log_joint" if guide.point_mass else "neg_elbo", loss)

@@ -150,12 +150,28 @@ class FitResult:
                            else jnp.mean(draws[b.name], axis=0))
         return out
 
-    def summary(self, key: jax.Array | None = None, n: int = 4000) -> Summary:
+    def summary(self, key: jax.Array | None = None, n: int = 4000,
+                draws: dict[str, Any] | None = None) -> Summary:
         """Mean, sd and 5/50/95% quantiles per latent element from ``n`` draws of q.
+
+        Args:
+            key: PRNG key for the draws (default ``jax.random.key(0)``: deterministic).
+            n: number of draws.
+            draws: summarise these draws (dict of ``(n, *shape)`` arrays, e.g. from
+                :meth:`sample`, possibly with derived quantities added) instead.
 
         Returns a :class:`Summary` (a mapping; ``print`` it for a table).
         """
-        draws = self.sample(jax.random.key(0) if key is None else key, n)
+        if draws is None:
+            draws = self.sample(jax.random.key(0) if key is None else key, n)
+        else:
+            if not isinstance(draws, dict) or not draws:
+                raise TypeError("draws must be a non-empty dict from name to (n, ...) arrays")
+            sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in draws.items()}
+            if len(set(sizes.values())) != 1 or None in sizes.values():
+                raise ValueError(f"every entry of draws needs the same leading (draw) axis; got "
+                                 f"{sizes}")
+            n = next(iter(sizes.values()))
         stats = {}
         for name, d in draws.items():
             d = np.asarray(d, np.float64)

@@ -158,7 +158,7 @@ class Target:
         return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
 
     def check_values(self, z: Mapping[str, Any]) -> None:
-        """Validate a dict of constrained values (names, shapes, support); raises naming the latent."""
+        """Validate constrained values (names, shapes, support); errors name the latent."""
         if not isinstance(z, Mapping):
             raise TypeError(f"expected a dict from latent name to value, got {type(z)}")
         unknown = sorted(set(z) - set(self.names))

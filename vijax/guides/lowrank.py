@@ -1,4 +1,4 @@
-"""Low-rank-plus-diagonal Gaussian guide: q(theta) = N(loc, W W^T + diag(d^2))."""
+"""Low-rank-plus-diagonal Gaussian guide: q(theta) = N(loc, S (I + W W^T) S), S = diag(s)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 
 from vijax.guides.base import Guide, softplus, softplus_inverse
@@ -17,16 +18,23 @@ __all__ = ["LowRank"]
 
 @dataclasses.dataclass(frozen=True)
 class LowRank:
-    """Gaussian with covariance ``W W^T + diag(d^2)``, ``W`` of shape ``(dim, rank)``.
+    """Gaussian with covariance ``S (I + W W^T) S``: a diagonal scale ``S = diag(s)`` and a
+    rank-``r`` correlation factor ``W`` of shape ``(dim, rank)`` in scale-free units.
 
-    Params: ``{"loc": (dim,), "cov_factor": (dim, rank), "raw_diag": (dim,)}`` with
-    ``d = softplus(raw_diag)``. Draw ``theta = loc + W e1 + d * e2``; ``log q`` and the
-    closed-form entropy come from numpyro's ``LowRankMultivariateNormal`` (Woodbury and the
-    matrix determinant lemma, O(dim rank^2)).
+    Params: ``{"loc": (dim,), "raw_scale": (dim,), "cov_factor": (dim, rank)}`` with
+    ``s = softplus(raw_scale)``. ``W`` is lower-trapezoidal with a positive (softplus)
+    diagonal, the canonical form of a rank-r factor: it removes the rotation symmetry
+    ``W -> W R`` (which would make averaged iterates meaningless) and, being measured in units
+    of ``s``, learns correlations at the same pace whatever the posterior scales.
+
+    Draw ``theta = loc + s * (e2 + W e1)``, ``e1 ~ N(0, I_r)``, ``e2 ~ N(0, I_dim)``.
+    ``log q`` and the closed-form entropy come from numpyro's ``LowRankMultivariateNormal``
+    (cov_factor ``S W``, cov_diag ``s^2``; Woodbury and the matrix determinant lemma,
+    O(dim rank^2)).
 
     Args:
-        rank: number of columns of ``W``; ``None`` means ``max(1, round(sqrt(dim)))``
-            (NumPyro's default). Must not exceed the dimension.
+        rank: columns of ``W``; ``None`` means ``max(1, round(sqrt(dim)))`` (NumPyro's
+            default). Must not exceed the dimension of the latents it covers.
         init_scale: initial marginal scale per coordinate (unconstrained space).
 
     Example:
@@ -55,26 +63,33 @@ class LowRank:
     def build(self, dim: int, names: tuple[str, ...]) -> Guide:
         rank = self.resolved_rank(dim)
         init_scale = self.init_scale
-        # Split the initial variance between W (a little, random: W = 0 is a saddle point of
-        # the ELBO) and the diagonal, so the initial marginal scale is init_scale.
-        w_scale = init_scale * 0.1 / math.sqrt(rank)
+        strict = jnp.asarray(np.tril(np.ones((dim, rank)), -1), bool)
+        diag = jnp.asarray(np.eye(dim, rank), bool)
+        w0 = 0.5 / math.sqrt(rank)  # initial factor entries: away from the W = 0 saddle
+
+        def _factor(params):
+            raw = params["cov_factor"]
+            return jnp.where(strict, raw, 0.0) + jnp.where(diag, softplus(raw), 0.0)
 
         def init(key, loc):
-            w = w_scale * jax.random.normal(key, (dim, rank), loc.dtype)
-            diag = jnp.sqrt(jnp.maximum(init_scale**2 - rank * w_scale**2, 1e-12))
-            return {"loc": loc, "cov_factor": w,
-                    "raw_diag": jnp.full_like(loc, softplus_inverse(diag))}
+            w = w0 * jax.random.normal(key, (dim, rank), loc.dtype)
+            w = jnp.where(diag, softplus_inverse(jnp.asarray(w0, loc.dtype)), w)
+            s = init_scale / math.sqrt(1.0 + rank * w0**2)
+            return {"loc": loc, "raw_scale": jnp.full_like(loc, softplus_inverse(s)),
+                    "cov_factor": w}
 
         def _dist(params):
-            d = softplus(params["raw_diag"])
-            return dist.LowRankMultivariateNormal(params["loc"], params["cov_factor"], d**2)
+            s = softplus(params["raw_scale"])
+            return dist.LowRankMultivariateNormal(params["loc"], s[:, None] * _factor(params),
+                                                  s**2)
 
         def sample(key, params):
             k1, k2 = jax.random.split(key)
-            loc, w = params["loc"], params["cov_factor"]
-            d = softplus(params["raw_diag"])
-            theta = (loc + w @ jax.random.normal(k1, (rank,), loc.dtype)
-                     + d * jax.random.normal(k2, (dim,), loc.dtype))
+            loc = params["loc"]
+            s = softplus(params["raw_scale"])
+            e1 = jax.random.normal(k1, (rank,), loc.dtype)
+            e2 = jax.random.normal(k2, (dim,), loc.dtype)
+            theta = loc + s * (e2 + _factor(params) @ e1)
             return theta, _dist(params).log_prob(theta)
 
         def log_q(params, theta):

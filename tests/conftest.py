@@ -1,0 +1,57 @@
+"""Shared small problems. Everything here is tiny so that compiles stay cheap."""
+
+import contextlib
+
+import jax
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import vijax as vj
+
+
+@contextlib.contextmanager
+def precision(dtype: str):
+    """Run a block in float32 (JAX default) or float64 (``jax_enable_x64``)."""
+    if dtype == "float64":
+        with jax.enable_x64(True):
+            yield np.float64
+    else:
+        yield np.float32
+
+
+class LinearRegression:
+    """Bayesian linear regression with known noise: w ~ N(0, s^2 I), y ~ N(X w, sigma^2 I).
+
+    Exact posterior: precision Lam = X^T X / sigma^2 + I / s^2, mean = Lam^-1 X^T y / sigma^2.
+    """
+
+    N, D, sigma, s = 20, 3, 0.5, 1.0
+
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.X = rng.normal(size=(self.N, self.D))
+        self.y = self.X @ rng.normal(size=self.D) + self.sigma * rng.normal(size=self.N)
+        self.precision = self.X.T @ self.X / self.sigma**2 + np.eye(self.D) / self.s**2
+        self.cov = np.linalg.inv(self.precision)
+        self.mean = self.cov @ self.X.T @ self.y / self.sigma**2
+        self.data = {"X": self.X, "y": self.y}
+
+
+def _blr_log_joint(z, d):
+    lr = LinearRegression
+    return (dist.Normal(0.0, lr.s).log_prob(z["w"]).sum()
+            + dist.Normal(d["X"] @ z["w"], lr.sigma).log_prob(d["y"]).sum())
+
+
+BLR_MODEL = vj.Model(_blr_log_joint, {"w": vj.Latent(shape=(LinearRegression.D,))})
+
+
+@pytest.fixture(scope="session")
+def blr():
+    return LinearRegression(0)
+
+
+@pytest.fixture(scope="session")
+def blr_model():
+    return BLR_MODEL

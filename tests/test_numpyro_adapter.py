@@ -1,0 +1,249 @@
+"""vijax.numpyro_adapter: sites, log density against NumPyro's own, errors, memoisation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.distributions import constraints
+from numpyro.infer.util import log_density, potential_energy
+
+from vijax.model import Model
+from vijax.numpyro_adapter import _clear_cache, from_numpyro
+
+# --- models --------------------------------------------------------------------------------
+
+
+def regression(x, y=None, prior_scale=1.0):
+    """Positive, simplex, plate, interval and Cholesky latents; deterministic; factor."""
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    w = numpyro.sample("w", dist.Dirichlet(jnp.ones(3)))
+    with numpyro.plate("groups", 2):
+        mu = numpyro.sample("mu", dist.Normal(0.0, prior_scale))
+    rho = numpyro.sample("rho", dist.Uniform(-1.0, 2.0))
+    chol = numpyro.sample("chol", dist.LKJCholesky(3, 2.0))
+    offset = numpyro.deterministic("offset", w @ jnp.arange(3.0) + chol[2, 1])
+    numpyro.factor("shrink", -0.5 * jnp.sum(mu**2))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("y", dist.Normal(mu[0] + rho * x + offset, sigma), obs=y)
+
+
+def hierarchical(x, y, n_groups):
+    """Batched simplex and positive latents inside a plate; int argument (static)."""
+    tau = numpyro.sample("tau", dist.LogNormal(0.0, 1.0))
+    with numpyro.plate("g", n_groups):
+        probs = numpyro.sample("probs", dist.Dirichlet(jnp.ones(2)))
+        scale = numpyro.sample("scale", dist.Gamma(2.0, 2.0 / tau))
+    numpyro.sample("y", dist.Normal(probs[:, 0] * x, scale).to_event(1), obs=y)
+
+
+X = np.linspace(-1.0, 1.0, 5).astype(np.float32)
+Y = (0.3 + 0.8 * X).astype(np.float32)
+CASES = [
+    (regression, (X,), {"y": Y, "prior_scale": 2.0}),
+    (hierarchical, (X[:3], Y[:3], 3), {}),
+]
+IDS = ["regression", "hierarchical"]
+
+
+def _thetas(target, n, dtype):
+    return jax.random.normal(jax.random.key(0), (n, target.dim), dtype)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    _clear_cache()
+    yield
+    _clear_cache()
+
+
+# --- discovery -----------------------------------------------------------------------------
+
+
+def test_latents_follow_site_order_with_shapes_and_supports():
+    m = from_numpyro(regression, X, y=Y, prior_scale=2.0)
+    assert isinstance(m, Model)
+    assert list(m.latents) == ["sigma", "w", "mu", "rho", "chol"]
+    shapes = {k: v.shape for k, v in m.latents.items()}
+    assert shapes == {"sigma": (), "w": (3,), "mu": (2,), "rho": (), "chol": (3, 3)}
+    assert m.latents["chol"].support is constraints.corr_cholesky
+    assert m.latents["sigma"].support is constraints.positive
+    assert m.latents["w"].support is constraints.simplex
+    assert isinstance(m.latents["rho"].support, type(constraints.interval(0.0, 1.0)))
+    assert m.target.names == tuple(m.latents)
+    # dynamic data: the arrays and the Python float, in tree_flatten order (kwargs sorted)
+    assert len(m.data) == 3 and m.data[0] is X and m.data[1] == 2.0 and m.data[2] is Y
+    h = from_numpyro(hierarchical, X[:3], Y[:3], 3)
+    assert {k: v.shape for k, v in h.latents.items()} == {"tau": (), "probs": (3, 2),
+                                                          "scale": (3,)}
+    assert len(h.data) == 2
+
+
+# --- log density against NumPyro's own ----------------------------------------------------
+
+
+def _tolerance(dtype):
+    # same computation on the same values in another order: only float rounding differs
+    return {"rtol": 1e-5, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-12,
+                                                                     "atol": 1e-10}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("model_fn", "args", "kwargs"), CASES, ids=IDS)
+def test_log_density_matches_numpyro(model_fn, args, kwargs, dtype):
+    with jax.enable_x64(dtype == np.float64):
+        m = from_numpyro(model_fn, *args, **kwargs)
+        target = m.target
+
+        @jax.jit  # one program for all comparisons: keeps the test fast
+        def compare(theta, data):
+            z = target.constrain(theta)
+            return {
+                # constrained values, no Jacobian: numpyro's log_density
+                "log_joint": (m.log_density(z, data), log_density(model_fn, args, kwargs, z)[0]),
+                "no_jacobian": (target.log_density(theta, data, frozenset(target.names)),
+                                log_density(model_fn, args, kwargs, z)[0]),
+                # unconstrained, with Jacobian: minus numpyro's potential energy; theta blocks
+                # follow site order, so unravel gives numpyro's unconstrained dict
+                "jacobian": (target.log_density(theta, data),
+                             -potential_energy(model_fn, args, kwargs, target.unravel(theta))),
+                "unconstrain": (target.unconstrain(z, dtype), theta),
+            }
+
+        for theta in _thetas(target, 3, dtype):
+            out = compare(theta, m.data)
+            assert out["log_joint"][0].dtype == dtype
+            for what in ("log_joint", "no_jacobian", "jacobian"):
+                np.testing.assert_allclose(*out[what], **_tolerance(dtype), err_msg=what)
+            # unconstrain inverts constrain (simplex/LKJ round trips lose a few digits)
+            tol = 1e-3 if dtype == np.float32 else 1e-9
+            np.testing.assert_allclose(*out["unconstrain"], rtol=tol, atol=tol)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_not_callable_raises_type_error():
+    with pytest.raises(TypeError, match="model function"):
+        from_numpyro("regression", X)
+
+
+def test_no_latent_sites_raises_naming_the_model():
+    def all_observed(y):
+        numpyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="all_observed.*no latent"):
+        from_numpyro(all_observed, Y)
+
+
+def test_discrete_latent_raises_naming_the_site():
+    def mixture(y):
+        k = numpyro.sample("component", dist.Bernoulli(0.5))
+        numpyro.sample("y", dist.Normal(k, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="'component'.*discrete latents are not supported yet"):
+        from_numpyro(mixture, Y)
+
+
+def test_param_site_raises_naming_the_site():
+    def with_param(y):
+        loc = numpyro.param("loc_param", 0.0)
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+        numpyro.sample("y", dist.Normal(loc, s), obs=y)
+
+    with pytest.raises(ValueError, match="'loc_param'.*learnable parameters are not supported"):
+        from_numpyro(with_param, Y)
+
+
+def test_subsampling_plate_raises_naming_the_plate():
+    def subsampled(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("minibatch", y.shape[0], subsample_size=2) as idx:
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+    with pytest.raises(ValueError, match="'minibatch'.*subsampl"):
+        from_numpyro(subsampled, Y)
+
+
+def test_support_depending_on_a_latent_raises_naming_the_site():
+    def dependent(y):
+        a = numpyro.sample("a", dist.Exponential(1.0))
+        b = numpyro.sample("b_within_a", dist.Uniform(0.0, a))
+        numpyro.sample("y", dist.Normal(b, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="'b_within_a'.*depends on other latents"):
+        from_numpyro(dependent, Y)
+
+
+def test_support_depending_on_data_is_fixed_per_data_set():
+    def bounded(y, upper):
+        b = numpyro.sample("b", dist.Uniform(0.0, upper))
+        numpyro.sample("y", dist.Normal(b, 1.0), obs=y)
+
+    m1 = from_numpyro(bounded, Y, 2.0)
+    m2 = from_numpyro(bounded, Y, 3.0)
+    assert m1.target is not m2.target  # a different support is a different target
+    assert float(m2.latents["b"].support.upper_bound) == 3.0
+
+
+def test_float_used_as_python_value_raises_early():
+    def branchy(y, scale):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        s = scale if scale > 0 else 1.0
+        numpyro.sample("y", dist.Normal(mu, s), obs=y)
+
+    with pytest.raises(ValueError, match="branchy.*functools.partial"):
+        from_numpyro(branchy, Y, 2.0)
+    m = from_numpyro(functools.partial(branchy, scale=2.0), Y)  # the documented way out
+    assert len(m.data) == 1
+
+
+def test_wrong_data_raises_naming_the_model():
+    m = from_numpyro(regression, X, y=Y, prior_scale=2.0)
+    z = m.target.constrain(jnp.zeros(m.target.dim))
+    with pytest.raises(ValueError, match="regression.*3 array/float"):
+        m.log_density(z, (X, Y))
+
+
+# --- memoisation ---------------------------------------------------------------------------
+
+
+def test_new_data_of_the_same_structure_shares_the_target_and_compiled_code():
+    m1 = from_numpyro(regression, X, y=Y, prior_scale=2.0)
+    x2, y2 = X + 1.0, Y * 2.0
+    m2 = from_numpyro(regression, x2, y=y2, prior_scale=0.5)
+    assert m2.target is m1.target
+    assert m2.data[0] is x2 and m2.data[1] == 0.5 and m2.data[2] is y2
+    # log density follows the new data, and the second data set compiles nothing
+    theta = _thetas(m1.target, 1, np.float32)[0]
+    lp = jax.jit(lambda th, d: m1.target.log_density(th, d))
+    expected = jax.jit(lambda th: -potential_energy(
+        regression, (x2,), {"y": y2, "prior_scale": 0.5}, m1.target.unravel(th)))
+    np.testing.assert_allclose(lp(theta, m2.data), expected(theta), rtol=1e-5, atol=1e-4)
+    lp(theta, m1.data)
+    assert lp._cache_size() == 1
+
+    # another static value or latent shape is another target
+    assert from_numpyro(hierarchical, X[:3], Y[:3], 3).target is not \
+        from_numpyro(hierarchical, X[:2], Y[:2], 2).target
+    assert from_numpyro(regression, X, y=Y).target is \
+        from_numpyro(regression, X[:2], y=Y[:2]).target  # data shape does not enter target
+
+
+def test_unhashable_static_leaf_skips_memoisation():
+    def with_options(y, options):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    class Options:  # a leaf (not a pytree node) without __hash__
+        __hash__ = None
+
+    m1 = from_numpyro(with_options, Y, Options())
+    m2 = from_numpyro(with_options, Y, Options())
+    assert m1.target is not m2.target
+    z = {"mu": jnp.asarray(0.3)}
+    np.testing.assert_allclose(m2.log_density(z, m2.data),
+                               log_density(with_options, (Y, Options()), {}, z)[0], rtol=1e-6)
