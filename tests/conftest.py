@@ -55,3 +55,20 @@ def blr():
 @pytest.fixture(scope="session")
 def blr_model():
     return BLR_MODEL
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Count XLA backend compilations inside the block: ``with count_compiles() as n: ...``;
+    ``n[0]`` is the count afterwards."""
+    count = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

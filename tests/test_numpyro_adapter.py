@@ -18,26 +18,28 @@ from vijax.numpyro_adapter import _clear_cache, from_numpyro
 
 
 def regression(x, y=None, prior_scale=1.0):
-    """Positive, simplex, plate, interval and Cholesky latents; deterministic; factor."""
+    """Positive, simplex, plate and interval latents; deterministic; factor."""
     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
     w = numpyro.sample("w", dist.Dirichlet(jnp.ones(3)))
     with numpyro.plate("groups", 2):
         mu = numpyro.sample("mu", dist.Normal(0.0, prior_scale))
     rho = numpyro.sample("rho", dist.Uniform(-1.0, 2.0))
-    chol = numpyro.sample("chol", dist.LKJCholesky(3, 2.0))
-    offset = numpyro.deterministic("offset", w @ jnp.arange(3.0) + chol[2, 1])
+    offset = numpyro.deterministic("offset", w @ jnp.arange(3.0))
     numpyro.factor("shrink", -0.5 * jnp.sum(mu**2))
     with numpyro.plate("data", x.shape[0]):
         numpyro.sample("y", dist.Normal(mu[0] + rho * x + offset, sigma), obs=y)
 
 
 def hierarchical(x, y, n_groups):
-    """Batched simplex and positive latents inside a plate; int argument (static)."""
+    """Batched simplex and positive latents in a plate; a matrix latent; int arg (static)."""
     tau = numpyro.sample("tau", dist.LogNormal(0.0, 1.0))
     with numpyro.plate("g", n_groups):
         probs = numpyro.sample("probs", dist.Dirichlet(jnp.ones(2)))
         scale = numpyro.sample("scale", dist.Gamma(2.0, 2.0 / tau))
     numpyro.sample("y", dist.Normal(probs[:, 0] * x, scale).to_event(1), obs=y)
+    chol = numpyro.sample("chol", dist.ImproperUniform(constraints.lower_cholesky, (), (2, 2)))
+    numpyro.sample("pair", dist.MultivariateNormal(jnp.zeros(2), scale_tril=chol),
+                   obs=jnp.array([0.5, -0.3]))
 
 
 X = np.linspace(-1.0, 1.0, 5).astype(np.float32)
@@ -66,10 +68,9 @@ def _fresh_cache():
 def test_latents_follow_site_order_with_shapes_and_supports():
     m = from_numpyro(regression, X, y=Y, prior_scale=2.0)
     assert isinstance(m, Model)
-    assert list(m.latents) == ["sigma", "w", "mu", "rho", "chol"]
+    assert list(m.latents) == ["sigma", "w", "mu", "rho"]
     shapes = {k: v.shape for k, v in m.latents.items()}
-    assert shapes == {"sigma": (), "w": (3,), "mu": (2,), "rho": (), "chol": (3, 3)}
-    assert m.latents["chol"].support is constraints.corr_cholesky
+    assert shapes == {"sigma": (), "w": (3,), "mu": (2,), "rho": ()}
     assert m.latents["sigma"].support is constraints.positive
     assert m.latents["w"].support is constraints.simplex
     assert isinstance(m.latents["rho"].support, type(constraints.interval(0.0, 1.0)))
@@ -78,7 +79,8 @@ def test_latents_follow_site_order_with_shapes_and_supports():
     assert len(m.data) == 3 and m.data[0] is X and m.data[1] == 2.0 and m.data[2] is Y
     h = from_numpyro(hierarchical, X[:3], Y[:3], 3)
     assert {k: v.shape for k, v in h.latents.items()} == {"tau": (), "probs": (3, 2),
-                                                          "scale": (3,)}
+                                                          "scale": (3,), "chol": (2, 2)}
+    assert h.target.block("chol").unconstrained_shape == (3,)  # lower_cholesky, 2 x 2
     assert len(h.data) == 2
 
 
@@ -118,7 +120,7 @@ def test_log_density_matches_numpyro(model_fn, args, kwargs, dtype):
             assert out["log_joint"][0].dtype == dtype
             for what in ("log_joint", "no_jacobian", "jacobian"):
                 np.testing.assert_allclose(*out[what], **_tolerance(dtype), err_msg=what)
-            # unconstrain inverts constrain (simplex/LKJ round trips lose a few digits)
+            # unconstrain inverts constrain (simplex round trips lose a few digits)
             tol = 1e-3 if dtype == np.float32 else 1e-9
             np.testing.assert_allclose(*out["unconstrain"], rtol=tol, atol=tol)
 
@@ -203,9 +205,8 @@ def test_float_used_as_python_value_raises_early():
 
 def test_wrong_data_raises_naming_the_model():
     m = from_numpyro(regression, X, y=Y, prior_scale=2.0)
-    z = m.target.constrain(jnp.zeros(m.target.dim))
     with pytest.raises(ValueError, match="regression.*3 array/float"):
-        m.log_density(z, (X, Y))
+        m.log_density({}, (X, Y))
 
 
 # --- memoisation ---------------------------------------------------------------------------
@@ -231,6 +232,15 @@ def test_new_data_of_the_same_structure_shares_the_target_and_compiled_code():
         from_numpyro(hierarchical, X[:2], Y[:2], 2).target
     assert from_numpyro(regression, X, y=Y).target is \
         from_numpyro(regression, X[:2], y=Y[:2]).target  # data shape does not enter target
+
+    def powered(y, power):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(mu**power, 1.0), obs=y)
+
+    squared = from_numpyro(powered, Y, 2)
+    assert from_numpyro(powered, Y, 1).target is not squared.target
+    assert from_numpyro(powered, Y, True).target is not squared.target  # True == 1, not the same
+    assert from_numpyro(powered, Y + 1.0, 2).target is squared.target
 
 
 def test_unhashable_static_leaf_skips_memoisation():

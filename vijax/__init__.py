@@ -4,13 +4,16 @@ Models are pure functions of a dict of latent values; guides are built automatic
 ELBO is optimised by any Optax optimizer inside one compiled loop.
 """
 
-from vijax import guides
+from vijax import datasets, guides
 from vijax.fit import fit, prepare_data
 from vijax.model import Latent, Model, model
+from vijax.numpyro_adapter import from_numpyro
 from vijax.optim import default_optimizer
 from vijax.result import Diagnostics, FitResult, Summary
 
 __version__ = "0.1.0"
 
-__all__ = ["Latent", "Model", "model", "fit", "FitResult", "Diagnostics", "Summary", "guides",
-           "default_optimizer", "prepare_data", "__version__"]
+__all__ = [
+    "Latent", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics", "Summary",
+    "guides", "datasets", "default_optimizer", "prepare_data", "__version__",
+]

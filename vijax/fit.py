@@ -20,7 +20,7 @@ from vijax.objective import elbo
 from vijax.optim import default_optimizer
 from vijax.result import Diagnostics, FitResult
 
-__all__ = ["fit", "prepare_data"]
+__all__ = ["fit", "prepare_data", "check_data"]
 
 MAX_INIT_TRIES = 100
 DEFAULT_CHUNK = 500
@@ -60,15 +60,23 @@ def _resolve_dtype(dtype: Any) -> np.dtype:
 
 
 def prepare_data(data: Any, dtype=None) -> Any:
-    """Validate a data pytree and move it to the device.
+    """Validate a data pytree and move it to the device (see :func:`check_data`).
+
+    Example:
+        >>> prepare_data({"y": [1.0, 2.0]})["y"].shape
+        (2,)
+    """
+    return jax.tree_util.tree_map(jnp.asarray, check_data(data, dtype))
+
+
+def check_data(data: Any, dtype=None) -> Any:
+    """Validate a data pytree on the host, without compiling anything.
 
     Floating leaves are cast to ``dtype`` (the fit's float type) so that no weak or mixed types
     cause recompiles; integer and boolean leaves keep their type. Raises naming the data key
     when a leaf is not numeric or holds NaN/inf.
 
-    Example:
-        >>> prepare_data({"y": [1.0, 2.0]})["y"].shape
-        (2,)
+    Returns the pytree with numpy leaves (device arrays are kept as they are).
     """
     dtype = _resolve_dtype(dtype)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(data)
@@ -93,9 +101,7 @@ def prepare_data(data: Any, dtype=None) -> Any:
                 value = np.asarray(arr)[bad] if bad else np.asarray(arr)
                 raise ValueError(f"{where} contains a non-finite value ({value}) at index "
                                  f"{bad}; NaN and inf are not allowed in data")
-            arr = jnp.asarray(arr, dtype)
-        else:
-            arr = jnp.asarray(arr)
+            arr = arr.astype(dtype) if arr.dtype != dtype else arr
         out.append(arr)
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -105,17 +111,18 @@ def _check_log_joint(model: Model, target, data, dtype) -> None:
     theta = jax.ShapeDtypeStruct((target.dim,), dtype)
     shapes = {b.name: b.shape for b in target.blocks}
     if model.factorised:
-        z = jax.eval_shape(target.constrain, theta)
-        checks = [("log_prior", lambda: model.log_prior(z), ()),
-                  ("log_likelihood", lambda: model.log_likelihood(z, data), None)]
-        for fname, call, _ in checks:
-            out = _trace(lambda c=call: jax.eval_shape(c), fname, shapes)
-            _check_float(out, fname)
-            if fname == "log_prior" and out.shape != ():
-                raise ValueError(f"log_prior must return a scalar, got shape {out.shape}")
-            if fname == "log_likelihood" and len(out.shape) != 1:
-                raise ValueError("log_likelihood must return one value per observation, "
-                                 f"shape (N,); got shape {out.shape}")
+        prior = _trace(lambda: jax.eval_shape(
+            lambda t: model.log_prior(target.constrain(t)), theta), "log_prior", shapes)
+        _check_float(prior, "log_prior")
+        if prior.shape != ():
+            raise ValueError(f"log_prior must return a scalar, got shape {prior.shape}")
+        lik = _trace(lambda: jax.eval_shape(
+            lambda t, d: model.log_likelihood(target.constrain(t), d), theta, data),
+            "log_likelihood", shapes)
+        _check_float(lik, "log_likelihood")
+        if len(lik.shape) != 1:
+            raise ValueError("log_likelihood must return one value per observation, shape "
+                             f"(N,); got shape {lik.shape}")
         return
     out = _trace(lambda: jax.eval_shape(lambda t, d: model.log_joint(target.constrain(t), d),
                                         theta, data), "log_joint", shapes)
@@ -267,15 +274,16 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
     optimizer = default_optimizer() if optimizer is None else optimizer
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
-    key = _check_key(key)
     dtype = _resolve_dtype(dtype)
     target = model.target
-    data = prepare_data(model.data if data is None else data, dtype)
+    data = check_data(model.data if data is None else data, dtype)
     spec = resolve_spec(guide)
     chunk_len = min(chunk_size, steps)
+    _check_log_joint(model, target, data, dtype)
     guide_fns, objective, runner, init_params = _pipeline(target, spec, num_particles,
                                                           optimizer, chunk_len)
-    _check_log_joint(model, target, data, dtype)
+    key = _check_key(key)
+    data = jax.tree_util.tree_map(jnp.asarray, data)
 
     t0 = time.perf_counter()
     k_init, k_guide, k_loop = jax.random.split(key, 3)

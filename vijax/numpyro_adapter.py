@@ -1,9 +1,14 @@
 """Adapter: a NumPyro model function becomes a :class:`vijax.model.Model`.
 
-The model is run eagerly under ``numpyro.handlers.seed`` + ``trace`` to discover its sites
-(twice, at two latent points, to check that no support depends on another latent). Every
-sample site that is not observed becomes a :class:`~vijax.model.Latent` of the site value's
-shape (plate dimensions included) and support ``site["fn"].support``, in site order.
+Sites are discovered by running the model under ``numpyro.handlers.seed`` + ``trace`` inside
+``jax.eval_shape``, with the data abstract as in the compiled fit and each latent set to a fixed
+point of its support: nothing is compiled, and a model that cannot run on abstract data fails
+here rather than inside the fit. Every sample site that is not observed becomes a
+:class:`~vijax.model.Latent` of the site value's shape (plate dimensions included) and support
+``site["fn"].support``, in site order. A support whose parameters are computed (from data or
+from other latents) is read from two eager traces at two latent points; if it differs between
+them it depends on a latent, which is an error.
+
 The log joint is NumPyro's own,
 
     log p(z, x) = sum_sites scale_s * sum log p_s(value_s | ...),
@@ -21,9 +26,9 @@ part of the cache key. Python floats are dynamic on purpose (a float that is a c
 constant recompiles on every new value); to make a float static, bind it with
 ``functools.partial`` or a closure.
 
-Supports are read from the eager trace and fixed: a support whose parameters depend on the
-data (``Uniform(0, x.max())``) is baked in for that data, and new data that changes it gives a
-new target (a recompile, never a wrong support).
+Supports are fixed: a support whose parameters depend on the data (``Uniform(0, x.max())``,
+or ``Uniform(0.0, upper)`` with a float argument ``upper``) is baked in for that data, and new
+data that changes it gives a new target (a recompile, never a wrong support).
 """
 
 from __future__ import annotations
@@ -138,9 +143,9 @@ def _fill_latent(msg: dict, shift: float) -> Any:
 def _trace(model_fn: Callable, args: tuple, kwargs: dict, shift: float) -> dict:
     """Trace with each latent set to ``biject_to(support)(shift + small grid)``.
 
-    A fixed grid instead of prior draws: prior samplers (Gamma's rejection loop, LKJ, ...) run
-    eagerly compile op by op and take seconds, and the values need only lie in the support
-    and differ between two traces (for :func:`_check_fixed_supports`).
+    A fixed grid instead of prior draws: prior samplers (Gamma's rejection loop, LKJ, ...)
+    compile op by op when run eagerly and take seconds, and the values need only lie in the
+    support and differ between two traces (for :func:`_check_fixed_supports`).
     """
     with (handlers.trace() as tr,
           handlers.substitute(substitute_fn=functools.partial(_fill_latent, shift=shift)),
@@ -291,11 +296,11 @@ def _clear_cache() -> None:
 def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Model:
     """A vijax :class:`~vijax.model.Model` from a NumPyro model function and its arguments.
 
-    The model is traced eagerly (``numpyro.handlers.seed`` + ``trace``, each latent set to a
-    fixed point of its support) at ``args`` and ``kwargs``; each unobserved sample site
-    becomes a latent named after the site, with the site value's shape (plate dimensions
-    included) and the distribution's support, in site order (which is also the order of the
-    blocks of the unconstrained vector ``theta``).
+    The model is traced (``numpyro.handlers.seed`` + ``trace`` under ``jax.eval_shape``, each
+    latent set to a fixed point of its support) at ``args`` and ``kwargs``; each unobserved
+    sample site becomes a latent named after the site, with the site value's shape (plate
+    dimensions included) and the distribution's support, in site order (which is also the
+    order of the blocks of the unconstrained vector ``theta``).
     Observed sites, ``numpyro.deterministic``, ``numpyro.factor`` and (non-subsampling)
     plates are supported. The log joint at constrained values is
     ``numpyro.infer.util.log_density(model_fn, args, kwargs, z)[0]``, with no Jacobian.
@@ -305,7 +310,8 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     callables) is static (see the module docstring). Calls with the same ``model_fn``, the
     same static leaves and the same latent shapes and supports return models sharing one
     ``target`` (the compile-cache key), so refitting on new data of the same shapes does not
-    recompile. Memoisation is skipped when a static leaf is unhashable.
+    recompile. Memoisation (the last 128 structures; no data is kept) is skipped when a
+    static leaf is unhashable.
 
     Args:
         model_fn: a NumPyro model, ``model_fn(*args, **kwargs)``.
@@ -319,8 +325,9 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     Raises:
         TypeError: ``model_fn`` is not callable.
         ValueError: the model has no latent site, a latent site is discrete, a site is a
-            ``numpyro.param``, a plate subsamples, or a latent's support depends on other
-            latents (the site or plate is named).
+            ``numpyro.param``, a plate subsamples, a latent's support depends on other
+            latents (the site or plate is named), or the model uses a dynamic argument as a
+            Python value (e.g. ``if scale > 0``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -356,7 +363,7 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     log_joint = _make_log_joint(model_fn, name, treedef, static)
     with _explain_tracer_errors(name):  # one abstract evaluation: fail here, not in the fit
         jax.eval_shape(log_joint, values, data)
-    model = Model(log_joint=log_joint, latents=latents, data=data)
+    template = Model(log_joint=log_joint, latents=latents)  # the cache keeps no data
     if key is not None:
-        _cache_put(key, model)
-    return model
+        _cache_put(key, template)
+    return template.with_data(data)
