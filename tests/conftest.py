@@ -14,7 +14,11 @@ import vijax as vj
 def precision(dtype: str):
     """Run a block in float32 (JAX default) or float64 (``jax_enable_x64``)."""
     if dtype == "float64":
-        with jax.enable_x64(True):
+        # jax >= 0.6 has jax.enable_x64; older releases have it in jax.experimental
+        enable = getattr(jax, "enable_x64", None)
+        if enable is None:
+            from jax.experimental import enable_x64 as enable
+        with enable(True):
             yield np.float64
     else:
         yield np.float32
@@ -57,18 +61,25 @@ def blr_model():
     return BLR_MODEL
 
 
+_COMPILES = [0]
+
+
+def _on_event(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+# registered once for the session (older jax has no public way to unregister a listener)
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
 @contextlib.contextmanager
 def count_compiles():
     """Count XLA backend compilations inside the block: ``with count_compiles() as n: ...``;
     ``n[0]`` is the count afterwards."""
+    start = _COMPILES[0]
     count = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         yield count
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        count[0] = _COMPILES[0] - start

@@ -1,8 +1,11 @@
 """Model specification: decorator, factorised form, bound data."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+import optax
+import pytest
 
 import vijax as vj
 from tests.conftest import LinearRegression
@@ -35,3 +38,20 @@ def test_decorator_and_bound_data():
     # MAP of N(0, 10^2) prior and 3 unit-variance observations: sum(y) / (3 + 1/100)
     np.testing.assert_allclose(res.params["loc"][0], 6.0 / 3.01, rtol=1e-3)
     assert res.diagnostics.objective == "neg_log_joint"
+
+
+def test_non_finite_steps_are_skipped_and_counted():
+    # log joint is NaN for mu > 1: SGD steps from mu = 0.9 with a big step size overshoot
+    # into it; those steps leave the parameters unchanged, and the fit still ends finite.
+    m = vj.Model(lambda z, d: jnp.where(z["mu"] > 1.0, jnp.nan, -0.5 * (z["mu"] - 3.0) ** 2),
+                 {"mu": vj.Latent()})
+    res = vj.fit(m, guide="delta", steps=50, init={"mu": 0.9}, optimizer=optax.sgd(0.5),
+                 key=jax.random.key(0))
+    assert res.diagnostics.n_nonfinite_skipped > 0
+    assert np.isnan(res.losses).sum() == res.diagnostics.n_nonfinite_skipped
+    assert np.all(np.isfinite(np.asarray(res.params["loc"])))
+    # every step was non-finite: the fit fails loudly instead of returning the init
+    always = vj.Model(lambda z, d: jnp.where(z["mu"] > -10.0, jnp.nan, 0.0) + 0 * z["mu"],
+                      {"mu": vj.Latent()})
+    with pytest.raises(ValueError, match="mu="):
+        vj.fit(always, guide="delta", steps=5)

@@ -11,6 +11,7 @@ import pytest
 from numpyro.distributions import constraints
 from numpyro.infer.util import log_density, potential_energy
 
+from tests.conftest import precision
 from vijax.model import Model
 from vijax.numpyro_adapter import _clear_cache, from_numpyro
 
@@ -96,7 +97,7 @@ def _tolerance(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("model_fn", "args", "kwargs"), CASES, ids=IDS)
 def test_log_density_matches_numpyro(model_fn, args, kwargs, dtype):
-    with jax.enable_x64(dtype == np.float64):
+    with precision("float64" if dtype == np.float64 else "float32"):
         m = from_numpyro(model_fn, *args, **kwargs)
         target = m.target
 

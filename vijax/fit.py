@@ -220,6 +220,13 @@ def _initial_point(target, guide, data, init, key, dtype) -> jax.Array:
     return theta
 
 
+def _final_loss(losses: np.ndarray) -> float:
+    """Mean of the finite losses among the last 10% of steps (NaN if there are none)."""
+    tail = losses[-max(1, losses.size // 10):]
+    tail = tail[np.isfinite(tail)]
+    return float(tail.mean()) if tail.size else float("nan")
+
+
 # ---------------------------------------------------------------------------------------------
 def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int = 2000,
         optimizer: optax.GradientTransformation | None = None, key: Any = None,
@@ -305,7 +312,7 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
                                  f"near the initial point {target.describe(theta0)}")
     diagnostics = Diagnostics(n_steps=steps, n_nonfinite_skipped=n_skipped, wall_time=wall,
                               objective=objective.name, num_particles=num_particles,
-                              final_loss=float(np.nanmean(losses[-max(1, steps // 10):])))
+                              final_loss=_final_loss(losses))
     return FitResult(model=model, guide=guide_fns, guide_spec=spec, params=state.avg_params,
                      last_params=state.params, opt_state=state.opt_state, losses=losses,
                      diagnostics=diagnostics, optimizer=optimizer, init_point=theta0)
