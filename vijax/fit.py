@@ -63,7 +63,8 @@ def prepare_data(data: Any, dtype=None) -> Any:
     """Validate a data pytree and move it to the device (see :func:`check_data`).
 
     Example:
-        >>> prepare_data({"y": [1.0, 2.0]})["y"].shape
+        >>> import numpy as np
+        >>> prepare_data({"y": np.array([1.0, 2.0])})["y"].shape
         (2,)
     """
     return jax.tree_util.tree_map(jnp.asarray, check_data(data, dtype))
