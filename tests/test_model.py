@@ -55,3 +55,9 @@ def test_non_finite_steps_are_skipped_and_counted():
                       {"mu": vj.Latent()})
     with pytest.raises(ValueError, match="mu="):
         vj.fit(always, guide="delta", steps=5)
+
+
+def test_optimizer_producing_nan_fails_loudly():
+    m = vj.Model(lambda z, d: -0.5 * z["mu"] ** 2, {"mu": vj.Latent()})
+    with pytest.raises(FloatingPointError, match=r"latents \['mu'\].*step size"):
+        vj.fit(m, guide="delta", steps=10, optimizer=optax.sgd(float("nan")))

@@ -156,13 +156,19 @@ def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int):
     guide = build_guide(spec, target)
     objective = elbo(target, guide, num_particles)
     runner = make_chunk_runner(objective, optimizer, chunk_len)
-    init_params = jax.jit(lambda key, loc: init_state(guide.init(key, loc), optimizer))
-    return guide, objective, runner, init_params
+    find = _init_finder(target, guide.no_jacobian)
+
+    @jax.jit  # everything before the first step is one compiled program
+    def start(key, data, fixed, mask):
+        k_init, k_guide, k_loop = jax.random.split(key, 3)
+        tries, theta, ok = find(k_init, data, fixed, mask)
+        return tries, theta, ok, init_state(guide.init(k_guide, theta), optimizer), k_loop
+
+    return guide, objective, runner, start
 
 
-@functools.lru_cache(maxsize=128)
 def _init_finder(target, no_jacobian: frozenset):
-    """Jitted ``(key, data, fixed (dim,), mask (dim,)) -> (tries, theta, ok)``.
+    """``(key, data, fixed (dim,), mask (dim,)) -> (tries, theta, ok)``.
 
     Draws ``theta ~ Uniform(-2, 2)`` in unconstrained space for unmasked entries (masked
     ones come from ``init=``) until the log density and its gradient are finite.
@@ -189,10 +195,11 @@ def _init_finder(target, no_jacobian: frozenset):
         theta0 = candidate(0)
         return jax.lax.while_loop(cond, body, (jnp.int32(1), theta0, finite_at(theta0, data)))
 
-    return jax.jit(find)
+    return find
 
 
-def _initial_point(target, guide, data, init, key, dtype) -> jax.Array:
+def _fixed_init(target, init, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Unconstrained values and mask ``(dim,)`` of the latents given in ``init``."""
     fixed = np.zeros((target.dim,), dtype)
     mask = np.zeros((target.dim,), bool)
     if init is not None:
@@ -208,8 +215,10 @@ def _initial_point(target, guide, data, init, key, dtype) -> jax.Array:
                                  "unconstrained value; it lies on the boundary of its support")
             fixed[b.offset:b.offset + b.size] = u
             mask[b.offset:b.offset + b.size] = True
-    tries, theta, ok = _init_finder(target, guide.no_jacobian)(key, data, jnp.asarray(fixed),
-                                                               jnp.asarray(mask))
+    return fixed, mask
+
+
+def _check_init_found(target, tries, theta, ok, mask) -> None:
     if not bool(ok):
         if mask.all():
             raise ValueError("the log joint or its gradient is not finite at the given init: "
@@ -218,7 +227,21 @@ def _initial_point(target, guide, data, init, key, dtype) -> jax.Array:
                          f"{int(tries)} tries (uniform in (-2, 2) in unconstrained space); last "
                          f"values tried: {target.describe(theta)}. Pass init= with constrained "
                          "values where the model is finite")
-    return theta
+
+
+def _check_finite_params(target, guide, state, steps: int) -> None:
+    """Fail loudly, naming the latents, if the fitted parameters are not finite."""
+    for label, params in (("last iterate", state.params), ("averaged iterate",
+                                                           state.avg_params)):
+        if all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params)):
+            continue
+        loc = np.asarray(guide.mean(params))
+        bad = [b.name for b in target.blocks
+               if not np.all(np.isfinite(loc[b.offset:b.offset + b.size]))] or ["(scales)"]
+        raise FloatingPointError(
+            f"the {label} of the guide parameters is not finite after {steps} steps (latents "
+            f"{bad}) although the gradients were finite: the optimizer produced non-finite "
+            "updates (check its step size)")
 
 
 def _final_loss(losses: np.ndarray) -> float:
@@ -288,15 +311,15 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
     spec = resolve_spec(guide)
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, data, dtype)
-    guide_fns, objective, runner, init_params = _pipeline(target, spec, num_particles,
-                                                          optimizer, chunk_len)
+    guide_fns, objective, runner, start = _pipeline(target, spec, num_particles, optimizer,
+                                                    chunk_len)
     key = _check_key(key)
+    fixed, mask = _fixed_init(target, init, dtype)
     data = jax.tree_util.tree_map(jnp.asarray, data)
 
     t0 = time.perf_counter()
-    k_init, k_guide, k_loop = jax.random.split(key, 3)
-    theta0 = _initial_point(target, guide_fns, data, init, k_init, dtype)
-    state = init_params(k_guide, theta0)
+    tries, theta0, ok, state, k_loop = start(key, data, fixed, mask)
+    _check_init_found(target, tries, theta0, ok, mask)
     total = jnp.asarray(steps, jnp.int32)
     avg_start = jnp.asarray(steps - math.floor(average * steps), jnp.int32)
     chunks = []
@@ -311,6 +334,7 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
         raise FloatingPointError(f"every one of the {steps} steps had a non-finite loss or "
                                  "gradient; nothing was fitted. Check the model's log joint "
                                  f"near the initial point {target.describe(theta0)}")
+    _check_finite_params(target, guide_fns, state, steps)
     diagnostics = Diagnostics(n_steps=steps, n_nonfinite_skipped=n_skipped, wall_time=wall,
                               objective=objective.name, num_particles=num_particles,
                               final_loss=_final_loss(losses))

@@ -8,7 +8,9 @@ the compiled program.
 
 Each step: ``loss, g = value_and_grad(objective.loss)``; a step whose loss or gradient is not
 finite leaves parameters and optimizer state unchanged and is counted; otherwise
-``params <- optax.apply_updates(params, optimizer.update(g, ...))``. Tail iterate averaging
+``params <- optax.apply_updates(params, optimizer.update(g, ...))``. (An optimizer that turns
+finite gradients into non-finite parameters, e.g. a NaN step size, is caught after the fit.)
+Tail iterate averaging
 (Polyak-Ruppert, as recommended for stochastic VI by Dhaka et al. 2020) keeps
 ``avg = mean(params_t for t >= avg_start)``.
 """
@@ -50,17 +52,23 @@ def _all_finite(tree) -> jax.Array:
 def _step(objective, optimizer, data, key, total_steps, avg_start, state: FitState):
     loss, grads = jax.value_and_grad(objective.loss, argnums=1)(
         jax.random.fold_in(key, state.step), state.params, data)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
-    params, opt_state = jax.tree_util.tree_map(
-        lambda new, old: jnp.where(ok, new, old), (params, opt_state),
-        (state.params, state.opt_state))
-    # Running mean over steps >= avg_start; before that the average tracks the iterate.
-    n = jnp.maximum(state.step - avg_start + 1, 1).astype(loss.dtype)
-    avg = jax.tree_util.tree_map(
-        lambda a, p: jnp.where(state.step >= avg_start, a + (p - a) / n, p),
-        state.avg_params, params)
+    ok = jnp.isfinite(loss) & _all_finite(grads)
+
+    def apply(s):
+        updates, opt_state = optimizer.update(grads, s.opt_state, s.params)
+        return optax.apply_updates(s.params, updates), opt_state
+
+    # one branch, not a select per leaf: a skipped step leaves params and optimizer state
+    # bitwise unchanged
+    params, opt_state = jax.lax.cond(ok, apply, lambda s: (s.params, s.opt_state), state)
+
+    def running_mean(a):
+        n = (state.step - avg_start + 1).astype(loss.dtype)
+        return jax.tree_util.tree_map(lambda x, p: x + (p - x) / n, a, params)
+
+    # mean over steps >= avg_start; before that the average tracks the iterate
+    avg = jax.lax.cond(state.step >= avg_start, running_mean, lambda a: params,
+                       state.avg_params)
     new = FitState(params, opt_state, avg, state.step + 1,
                    state.n_nonfinite + (~ok).astype(jnp.int32))
     return new, loss

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vijax.guides.base import Guide
+from vijax.guides.base import Guide, params_dtype
 
 __all__ = ["Objective", "elbo"]
 
@@ -44,17 +44,19 @@ def elbo(target, guide: Guide, num_particles: int = 1) -> Objective:
     no_jacobian = guide.no_jacobian
     use_entropy = guide.entropy is not None
 
-    def one_draw(key, params, data):
-        theta, log_q = guide.sample(key, params)
+    def one_draw(eps, params, data):
+        theta, log_q = guide.transform(params, eps)
         log_p = target.log_density(theta, data, no_jacobian)
         return log_p if use_entropy else log_p - log_q
 
     def loss(key, params, data):
-        if guide.point_mass or num_particles == 1:
-            terms = one_draw(key, params, data)[None]
+        k = 1 if guide.point_mass else num_particles
+        # the noise of all particles in one draw: (K, noise_dim)
+        eps = jax.random.normal(key, (k, guide.noise_dim), params_dtype(params))
+        if k == 1:
+            terms = one_draw(eps[0], params, data)[None]
         else:
-            keys = jax.random.split(key, num_particles)
-            terms = jax.vmap(one_draw, in_axes=(0, None, None))(keys, params, data)
+            terms = jax.vmap(one_draw, in_axes=(0, None, None))(eps, params, data)
         value = jnp.mean(terms)
         if use_entropy:
             value = value + guide.entropy(params)

@@ -13,16 +13,22 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Guide", "softplus", "softplus_inverse"]
+__all__ = ["Guide", "make_guide", "params_dtype", "softplus", "softplus_inverse"]
 
 
 class Guide(NamedTuple):
     """A variational family q(theta; params) over ``theta`` of shape ``(dim,)``.
 
+    Every family is a reparameterisation ``theta = transform(params, eps)`` of standard normal
+    noise ``eps ~ N(0, I_noise_dim)``, so objectives draw the noise of all particles at once
+    (one ``(K, noise_dim)`` draw per step) and ``vmap`` the transform.
+
     Attributes:
         name: family name (``"meanfield"``, ...).
         dim: length of ``theta``.
+        noise_dim: length of the standard normal noise ``eps`` of one draw (0: point mass).
         init: ``(key, loc (dim,)) -> params``, a distribution centred at ``loc``.
+        transform: ``(params, eps (noise_dim,)) -> (theta (dim,), log_q scalar)``.
         sample: ``(key, params) -> (theta (dim,), log_q scalar)``, one reparameterised draw.
         log_q: ``(params, theta (dim,)) -> scalar`` log density.
         entropy: ``params -> scalar`` closed-form entropy, or ``None`` where none exists.
@@ -34,13 +40,32 @@ class Guide(NamedTuple):
 
     name: str
     dim: int
+    noise_dim: int
     init: Callable[[jax.Array, jax.Array], Any]
+    transform: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
     sample: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]]
     log_q: Callable[[Any, jax.Array], jax.Array]
     entropy: Callable[[Any], jax.Array] | None
     mean: Callable[[Any], jax.Array]
     no_jacobian: frozenset = frozenset()
     point_mass: bool = False
+
+
+def params_dtype(params) -> Any:
+    """The floating dtype of a guide's parameters."""
+    return jax.tree_util.tree_leaves(params)[0].dtype
+
+
+def make_guide(name: str, dim: int, noise_dim: int, init, transform, log_q, entropy, mean,
+               no_jacobian: frozenset = frozenset(), point_mass: bool = False) -> Guide:
+    """Assemble a :class:`Guide`; ``sample`` draws ``eps ~ N(0, I)`` and applies ``transform``."""
+
+    def sample(key, params):
+        eps = jax.random.normal(key, (noise_dim,), params_dtype(params))
+        return transform(params, eps)
+
+    return Guide(name, dim, noise_dim, init, transform, sample, log_q, entropy, mean,
+                 no_jacobian, point_mass)
 
 
 def softplus(x: jax.Array) -> jax.Array:

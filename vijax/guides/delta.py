@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from vijax.guides.base import Guide
+from vijax.guides.base import Guide, make_guide
 
 __all__ = ["Delta"]
 
@@ -32,8 +32,8 @@ class Delta:
             del key
             return {"loc": loc}
 
-        def sample(key, params):
-            del key
+        def transform(params, eps):
+            del eps  # no noise: noise_dim is 0
             return params["loc"], jnp.zeros((), params["loc"].dtype)
 
         def log_q(params, theta):
@@ -43,5 +43,5 @@ class Delta:
         def entropy(params):
             return jnp.zeros((), params["loc"].dtype)
 
-        return Guide("delta", dim, init, sample, log_q, entropy, lambda p: p["loc"],
-                     frozenset(names), point_mass=True)
+        return make_guide("delta", dim, 0, init, transform, log_q, entropy,
+                          lambda p: p["loc"], frozenset(names), point_mass=True)

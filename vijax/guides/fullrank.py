@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from vijax.guides.base import Guide, softplus, softplus_inverse
+from vijax.guides.base import Guide, make_guide, softplus, softplus_inverse
 from vijax.guides.meanfield import _check_init_scale
 
 __all__ = ["FullRank"]
@@ -51,9 +50,8 @@ class FullRank:
             return (jnp.tril(params["raw_tril"], -1)
                     + jnp.diag(softplus(params["raw_diag"])))
 
-        def sample(key, params):
+        def transform(params, eps):
             loc = params["loc"]
-            eps = jax.random.normal(key, loc.shape, loc.dtype)
             scale_tril = _scale_tril(params)
             log_q = (-jnp.sum(jnp.log(jnp.diagonal(scale_tril))) - 0.5 * jnp.sum(eps**2)
                      - 0.5 * dim * jnp.log(2 * jnp.pi).astype(loc.dtype))
@@ -67,4 +65,5 @@ class FullRank:
             return dist.MultivariateNormal(params["loc"], scale_tril=_scale_tril(params)
                                            ).entropy()
 
-        return Guide("fullrank", dim, init, sample, log_q, entropy, lambda p: p["loc"])
+        return make_guide("fullrank", dim, dim, init, transform, log_q, entropy,
+                          lambda p: p["loc"])

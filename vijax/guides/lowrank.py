@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from vijax.guides.base import Guide, softplus, softplus_inverse
+from vijax.guides.base import Guide, make_guide, softplus, softplus_inverse
 from vijax.guides.meanfield import _check_init_scale
 
 __all__ = ["LowRank"]
@@ -27,7 +27,7 @@ class LowRank:
     ``W -> W R`` (which would make averaged iterates meaningless) and, being measured in units
     of ``s``, learns correlations at the same pace whatever the posterior scales.
 
-    Draw ``theta = loc + s * (e2 + W e1)``, ``e1 ~ N(0, I_r)``, ``e2 ~ N(0, I_dim)``.
+    Draw ``theta = loc + s * (e2 + W e1)`` with ``eps = (e1, e2) ~ N(0, I_{r + dim})``.
     ``log q`` and the closed-form entropy come from numpyro's ``LowRankMultivariateNormal``
     (cov_factor ``S W``, cov_diag ``s^2``; Woodbury and the matrix determinant lemma,
     O(dim rank^2)).
@@ -83,12 +83,10 @@ class LowRank:
             return dist.LowRankMultivariateNormal(params["loc"], s[:, None] * _factor(params),
                                                   s**2)
 
-        def sample(key, params):
-            k1, k2 = jax.random.split(key)
+        def transform(params, eps):
             loc = params["loc"]
             s = softplus(params["raw_scale"])
-            e1 = jax.random.normal(k1, (rank,), loc.dtype)
-            e2 = jax.random.normal(k2, (dim,), loc.dtype)
+            e1, e2 = eps[:rank], eps[rank:]
             theta = loc + s * (e2 + _factor(params) @ e1)
             return theta, _dist(params).log_prob(theta)
 
@@ -98,4 +96,5 @@ class LowRank:
         def entropy(params):
             return _dist(params).entropy()
 
-        return Guide("lowrank", dim, init, sample, log_q, entropy, lambda p: p["loc"])
+        return make_guide("lowrank", dim, rank + dim, init, transform, log_q, entropy,
+                          lambda p: p["loc"])

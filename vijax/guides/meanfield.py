@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
-from vijax.guides.base import Guide, softplus, softplus_inverse
+from vijax.guides.base import Guide, make_guide, softplus, softplus_inverse
 
 __all__ = ["MeanField"]
 
@@ -57,10 +56,9 @@ class MeanField:
             return (-jnp.sum(jnp.log(scale)) - 0.5 * jnp.sum(eps**2)
                     - 0.5 * dim * jnp.log(2 * jnp.pi).astype(theta.dtype))
 
-        def sample(key, params):
+        def transform(params, eps):
             loc = params["loc"]
             scale = softplus(params["raw_scale"])
-            eps = jax.random.normal(key, loc.shape, loc.dtype)
             log_q = (-jnp.sum(jnp.log(scale)) - 0.5 * jnp.sum(eps**2)
                      - 0.5 * dim * jnp.log(2 * jnp.pi).astype(loc.dtype))
             return loc + scale * eps, log_q
@@ -69,4 +67,5 @@ class MeanField:
             scale = softplus(params["raw_scale"])
             return jnp.sum(jnp.log(scale)) + dim * _HALF_LOG_2PI_E.astype(scale.dtype)
 
-        return Guide("meanfield", dim, init, sample, log_q, entropy, lambda p: p["loc"])
+        return make_guide("meanfield", dim, dim, init, transform, log_q, entropy,
+                          lambda p: p["loc"])

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vijax.guides.base import Guide
+from vijax.guides.base import Guide, make_guide
 
 __all__ = ["Structured"]
 
@@ -78,11 +78,12 @@ class Structured:
             return tuple(g.init(k, part) for g, k, part in zip(subs, keys, _split(loc),
                                                                  strict=True))
 
-        def sample(key, params):
-            keys = jax.random.split(key, len(subs))
-            draws = [g.sample(k, p) for g, k, p in zip(subs, keys, params, strict=True)]
-            dtype = draws[0][0].dtype
-            return _join([d[0] for d in draws], dtype), sum(d[1] for d in draws)
+        noise_at = np.cumsum([0] + [g.noise_dim for g in subs])
+
+        def transform(params, eps):
+            draws = [g.transform(p, eps[a:b]) for g, p, a, b in zip(
+                subs, params, noise_at[:-1], noise_at[1:], strict=True)]
+            return _join([d[0] for d in draws], eps.dtype), sum(d[1] for d in draws)
 
         def log_q(params, theta):
             return sum(g.log_q(p, part) for g, p, part in zip(subs, params, _split(theta),
@@ -99,5 +100,6 @@ class Structured:
         label = "structured(" + ", ".join(f"{'+'.join(n)}:{g.name}"
                                           for (n, _), g in zip(self.blocks, subs,
                                                                strict=True)) + ")"
-        return Guide(label, dim, init, sample, log_q, entropy if has_entropy else None, mean,
-                     no_jac, point_mass=all(g.point_mass for g in subs))
+        return make_guide(label, dim, int(noise_at[-1]), init, transform, log_q,
+                          entropy if has_entropy else None, mean, no_jac,
+                          point_mass=all(g.point_mass for g in subs))
