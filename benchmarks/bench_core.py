@@ -113,11 +113,13 @@ def _vijax_session(cfg: Config, steps: int, numpyro_meanfield: str) -> Session:
 
     def chunk(data, n):
         spec = vj.guides.resolve_spec(guide)
-        _, _, runner, init_params = _pipeline(model.target, spec, cfg.particles, optimizer, n)
+        _, _, runner, start = _pipeline(model.target, spec, cfg.particles, optimizer, n)
         data = vj.prepare_data(data)
         key = jax.random.key(0)
-        theta0 = jax.random.uniform(key, (wl.dim,), minval=-2.0, maxval=2.0)
-        cell = [init_params(key, theta0)]
+        # vijax's own start-up program: random init in (-2, 2), guide and optimizer state
+        no_init = jnp.zeros((wl.dim,), jnp.float32)
+        _, _, _, state, _ = start(key, data, no_init, jnp.zeros((wl.dim,), bool))
+        cell = [state]
         total = jnp.asarray(2**30, jnp.int32)  # every step of every chunk active
         avg_start = jnp.asarray(0, jnp.int32)  # averaging on, as in the tail of a fit
 
