@@ -4,9 +4,9 @@ Tolerances: the fitted parameters are averaged iterates of a stochastic optimise
 error is Monte Carlo error of the gradient noise. Measured over 8 seeds on this exact problem
 (4,000 steps, 8 particles, default optimizer), the root-mean-square error of the fitted mean
 is 0.008 posterior sd for every Gaussian family, and of the covariance entries (relative to
-sqrt(S_ii S_jj)) 0.012 (full-rank, mean-field) and 0.026 (low-rank, whose rank = dim
+sqrt(S_ii S_jj)) 0.010 (full-rank), 0.007 (mean-field) and 0.034 (low-rank, whose rank = dim
 parameterisation has a flat direction between its diagonal and its factor). The bounds below
-are about 6-8 times those standard errors, so a false failure is essentially impossible while
+are about 6-14 times those standard errors, so a false failure is essentially impossible while
 a wrong gradient, entropy or Jacobian (errors of 0.2 sd and more) fails.
 """
 
