@@ -164,7 +164,47 @@ def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int):
         tries, theta, ok = find(k_init, data, fixed, mask)
         return tries, theta, ok, init_state(guide.init(k_guide, theta), optimizer), k_loop
 
-    return guide, objective, runner, start
+    restart = jax.jit(lambda params: init_state(params, optimizer))  # warm starts
+    return guide, objective, runner, start, restart
+
+
+def _source_loc(source: FitResult) -> np.ndarray:
+    """Unconstrained centre of a fitted guide: its mean, or the mean of 1,000 draws."""
+    if source.guide.mean is not None:
+        return np.asarray(source.guide.mean(source.params))
+    keys = jax.random.split(jax.random.key(0), 1000)
+    draws = jax.jit(jax.vmap(source.guide.sample, in_axes=(0, None)))(keys, source.params)[0]
+    return np.asarray(jnp.mean(draws, axis=0))
+
+
+def _check_source(target, source: Any, dtype) -> None:
+    if not isinstance(source, FitResult):
+        raise TypeError(f"init_from must be a vj.FitResult, got {type(source)}")
+    mine = [(b.name, b.unconstrained_shape) for b in target.blocks]
+    theirs = [(b.name, b.unconstrained_shape) for b in source.target.blocks]
+    if mine != theirs:
+        raise ValueError(f"init_from: the fitted result's latents {theirs} do not match the "
+                         f"model's latents {mine}")
+    got = jax.tree_util.tree_leaves(source.params)[0].dtype
+    if got != dtype:
+        raise ValueError(f"init_from: the fitted result is {got}, this fit is {dtype}")
+
+
+def _warm_params(spec, params, source: FitResult):
+    """Guide parameters taken over from ``source``: all of them when the guide is the same,
+    the base when the new guide is a flow over the source's family; else ``None``."""
+    if source.guide_spec == spec:
+        taken = source.params
+    elif getattr(spec, "base", None) == source.guide_spec:
+        taken = {**params, "base": source.params}
+    else:
+        return None
+    shapes = jax.tree_util.tree_map(jnp.shape, (taken, params))
+    if jax.tree_util.tree_structure(taken) != jax.tree_util.tree_structure(params) or \
+            shapes[0] != shapes[1]:
+        raise ValueError("init_from: the fitted guide's parameters do not fit this guide "
+                         f"({source.guide.name} -> {spec.name})")
+    return taken
 
 
 def _init_finder(target, no_jacobian: frozenset):
@@ -235,9 +275,11 @@ def _check_finite_params(target, guide, state, steps: int) -> None:
                                                            state.avg_params)):
         if all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params)):
             continue
-        loc = np.asarray(guide.mean(params))
-        bad = [b.name for b in target.blocks
-               if not np.all(np.isfinite(loc[b.offset:b.offset + b.size]))] or ["(scales)"]
+        bad = ["(see params)"]
+        if guide.mean is not None:
+            loc = np.asarray(guide.mean(params))
+            bad = [b.name for b in target.blocks
+                   if not np.all(np.isfinite(loc[b.offset:b.offset + b.size]))] or ["(scales)"]
         raise FloatingPointError(
             f"the {label} of the guide parameters is not finite after {steps} steps (latents "
             f"{bad}) although the gradients were finite: the optimizer produced non-finite "
@@ -255,7 +297,8 @@ def _final_loss(losses: np.ndarray) -> float:
 def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int = 2000,
         optimizer: optax.GradientTransformation | None = None, key: Any = None,
         num_particles: int = 1, init: Mapping[str, Any] | None = None, average: float = 0.5,
-        chunk_size: int = DEFAULT_CHUNK, dtype: Any = None) -> FitResult:
+        chunk_size: int = DEFAULT_CHUNK, dtype: Any = None,
+        init_from: FitResult | None = None) -> FitResult:
     """Fit a variational approximation q to the posterior of ``model`` given ``data``.
 
     Maximises the ELBO ``E_q[log p(x, z)] - E_q[log q(z)]`` over the guide's parameters in
@@ -271,7 +314,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
             (``vj.guides.LowRank(rank=5)``), or a dict from latent name (or tuple of names) to
             either, for a structured guide of independent blocks.
         steps: number of optimisation steps (>= 1).
-        optimizer: an Optax ``GradientTransformation``; default :func:`default_optimizer`.
+        optimizer: an Optax ``GradientTransformation``; default :func:`default_optimizer` with
+            the guide's ``default_learning_rate`` (0.05 Gaussian families, 0.003 flows).
         key: a JAX PRNG key (or int seed); ``None`` means ``jax.random.key(0)``.
         num_particles: Monte Carlo draws per gradient estimate (>= 1), vectorised.
         init: optional dict of *constrained* initial values for some or all latents; the rest
@@ -280,6 +324,10 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
             last iterate.
         chunk_size: steps per compiled call (>= 1).
         dtype: float32 or float64 (needs ``jax_enable_x64``); default JAX's default float.
+        init_from: a fitted result of the same model to warm-start from: the same guide
+            continues from its parameters; a flow whose base is the fitted family starts as
+            exactly that fit (its layers start as the identity); any other guide is centred on
+            the fitted guide's mean.
 
     Returns:
         A :class:`vijax.FitResult`; ``res.losses`` has shape ``(steps,)`` (negative ELBO).
@@ -302,24 +350,35 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
     chunk_size = _check_int("chunk_size", chunk_size)
     if not isinstance(average, int | float) or not 0.0 <= average < 1.0:
         raise ValueError(f"average must be a fraction in [0, 1), got {average!r}")
-    optimizer = default_optimizer() if optimizer is None else optimizer
+    spec = resolve_spec(guide)
+    if optimizer is None:
+        optimizer = default_optimizer(getattr(spec, "default_learning_rate", 0.05))
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
     dtype = _resolve_dtype(dtype)
     target = model.target
     data = check_data(model.data if data is None else data, dtype)
-    spec = resolve_spec(guide)
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, data, dtype)
-    guide_fns, objective, runner, start = _pipeline(target, spec, num_particles, optimizer,
-                                                    chunk_len)
+    guide_fns, objective, runner, start, restart = _pipeline(target, spec, num_particles,
+                                                             optimizer, chunk_len)
     key = _check_key(key)
-    fixed, mask = _fixed_init(target, init, dtype)
+    if init_from is not None:
+        if init is not None:
+            raise ValueError("give init or init_from, not both")
+        _check_source(target, init_from, dtype)
+        fixed, mask = _source_loc(init_from).astype(dtype), np.ones((target.dim,), bool)
+    else:
+        fixed, mask = _fixed_init(target, init, dtype)
     data = jax.tree_util.tree_map(jnp.asarray, data)
 
     t0 = time.perf_counter()
     tries, theta0, ok, state, k_loop = start(key, data, fixed, mask)
     _check_init_found(target, tries, theta0, ok, mask)
+    if init_from is not None:
+        warm = _warm_params(spec, state.params, init_from)
+        if warm is not None:
+            state = restart(warm)
     total = jnp.asarray(steps, jnp.int32)
     avg_start = jnp.asarray(steps - math.floor(average * steps), jnp.int32)
     chunks = []

@@ -135,12 +135,16 @@ class FitResult:
     def mean(self, key: jax.Array | None = None, n: int = 4000) -> dict[str, jax.Array]:
         """Posterior mean of every latent (constrained space).
 
-        Exact for latents with real support (the guide's mean); for the others a Monte Carlo
-        estimate from ``n`` draws (key default ``jax.random.key(0)``: deterministic).
+        Exact for latents with real support under guides with a closed-form mean (the
+        Gaussian families and delta); otherwise a Monte Carlo estimate from ``n`` draws
+        (key default ``jax.random.key(0)``: deterministic).
 
         Returns:
             dict from latent name to an array of the latent's shape.
         """
+        if self.guide.mean is None:  # flows: no closed-form mean
+            draws = self.sample(jax.random.key(0) if key is None else key, n)
+            return {k: jnp.mean(v, axis=0) for k, v in draws.items()}
         exact = self.target.unravel(self.guide.mean(self.params))
         need_mc = [b for b in self.target.blocks if not b.is_identity]
         draws = self.sample(jax.random.key(0) if key is None else key, n) if need_mc else {}

@@ -1,12 +1,15 @@
 """Guide families: each a small module behind the :class:`Guide` interface."""
 
 from vijax.guides.base import Guide, softplus, softplus_inverse
+from vijax.guides.coupling import RealNVP, Spline
 from vijax.guides.delta import Delta
 from vijax.guides.fullrank import FullRank
+from vijax.guides.iaf import IAF
 from vijax.guides.lowrank import LowRank
 from vijax.guides.meanfield import MeanField
 from vijax.guides.resolve import GUIDE_NAMES, build_guide, resolve_spec
 from vijax.guides.structured import Structured
 
-__all__ = ["Guide", "Delta", "MeanField", "LowRank", "FullRank", "Structured", "GUIDE_NAMES",
+__all__ = ["Guide", "Delta", "MeanField", "LowRank", "FullRank", "IAF", "Spline", "RealNVP",
+           "Structured", "GUIDE_NAMES",
            "build_guide", "resolve_spec", "softplus", "softplus_inverse"]

@@ -32,7 +32,8 @@ class Guide(NamedTuple):
         sample: ``(key, params) -> (theta (dim,), log_q scalar)``, one reparameterised draw.
         log_q: ``(params, theta (dim,)) -> scalar`` log density.
         entropy: ``params -> scalar`` closed-form entropy, or ``None`` where none exists.
-        mean: ``params -> (dim,)`` the mean of ``theta`` under q.
+        mean: ``params -> (dim,)`` the mean of ``theta`` under q, or ``None`` where it has no
+            closed form (flows).
         no_jacobian: latents whose log-Jacobian the objective omits (point masses: their
             optimum is then the mode of the constrained density, as MAP means).
         point_mass: whether q is a point mass everywhere (draws are all equal).
@@ -46,7 +47,7 @@ class Guide(NamedTuple):
     sample: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]]
     log_q: Callable[[Any, jax.Array], jax.Array]
     entropy: Callable[[Any], jax.Array] | None
-    mean: Callable[[Any], jax.Array]
+    mean: Callable[[Any], jax.Array] | None
     no_jacobian: frozenset = frozenset()
     point_mass: bool = False
 

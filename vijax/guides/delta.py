@@ -26,6 +26,7 @@ class Delta:
     """
 
     name = "delta"
+    default_learning_rate = 0.05
 
     def build(self, dim: int, names: tuple[str, ...]) -> Guide:
         def init(key, loc):

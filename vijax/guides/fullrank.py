@@ -34,6 +34,7 @@ class FullRank:
 
     init_scale: float = 0.1
     name = "fullrank"
+    default_learning_rate = 0.05
 
     def __post_init__(self) -> None:
         _check_init_scale(self.init_scale)

@@ -46,6 +46,7 @@ class LowRank:
     rank: int | None = None
     init_scale: float = 0.1
     name = "lowrank"
+    default_learning_rate = 0.05
 
     def __post_init__(self) -> None:
         if self.rank is not None and (isinstance(self.rank, bool)

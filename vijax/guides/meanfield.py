@@ -38,6 +38,7 @@ class MeanField:
 
     init_scale: float = 0.1
     name = "meanfield"
+    default_learning_rate = 0.05
 
     def __post_init__(self) -> None:
         _check_init_scale(self.init_scale)

@@ -6,8 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from vijax.guides.base import Guide
+from vijax.guides.coupling import RealNVP, Spline
 from vijax.guides.delta import Delta
 from vijax.guides.fullrank import FullRank
+from vijax.guides.iaf import IAF
 from vijax.guides.lowrank import LowRank
 from vijax.guides.meanfield import MeanField
 from vijax.guides.structured import Structured
@@ -15,7 +17,7 @@ from vijax.guides.structured import Structured
 __all__ = ["GUIDE_NAMES", "resolve_spec", "build_guide"]
 
 GUIDE_NAMES = {"delta": Delta, "meanfield": MeanField, "lowrank": LowRank,
-               "fullrank": FullRank}
+               "fullrank": FullRank, "iaf": IAF, "spline": Spline, "realnvp": RealNVP}
 
 
 def _family(spec: Any, where: str):

@@ -37,6 +37,10 @@ class Structured:
     def __init__(self, *blocks):
         object.__setattr__(self, "blocks", tuple((tuple(n), s) for n, s in blocks))
 
+    @property
+    def default_learning_rate(self) -> float:
+        return min(getattr(spec, "default_learning_rate", 0.05) for _, spec in self.blocks)
+
     def build_for(self, target) -> Guide:
         covered: dict[str, int] = {}
         for i, (names, _) in enumerate(self.blocks):
@@ -96,10 +100,11 @@ class Structured:
             parts = [g.mean(p) for g, p in zip(subs, params, strict=True)]
             return _join(parts, parts[0].dtype)
 
+        has_mean = all(g.mean is not None for g in subs)
         no_jac = frozenset().union(*(g.no_jacobian for g in subs))
         label = "structured(" + ", ".join(f"{'+'.join(n)}:{g.name}"
                                           for (n, _), g in zip(self.blocks, subs,
                                                                strict=True)) + ")"
         return make_guide(label, dim, int(noise_at[-1]), init, transform, log_q,
-                          entropy if has_entropy else None, mean, no_jac,
+                          entropy if has_entropy else None, mean if has_mean else None, no_jac,
                           point_mass=all(g.point_mass for g in subs))
