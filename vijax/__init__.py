@@ -9,11 +9,13 @@ from vijax.fit import fit, prepare_data
 from vijax.model import Latent, Model, model
 from vijax.numpyro_adapter import from_numpyro
 from vijax.optim import default_optimizer
+from vijax.psis import PSISResult, psis
 from vijax.result import Diagnostics, FitResult, Summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Latent", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics", "Summary",
-    "guides", "datasets", "default_optimizer", "prepare_data", "__version__",
+    "guides", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
+    "__version__",
 ]
