@@ -315,7 +315,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
             either, for a structured guide of independent blocks.
         steps: number of optimisation steps (>= 1).
         optimizer: an Optax ``GradientTransformation``; default :func:`default_optimizer` with
-            the guide's ``default_learning_rate`` (0.05 Gaussian families, 0.003 flows).
+            the guide's ``default_learning_rate`` (0.05 Gaussian families, 0.01 IAF, 0.003
+            coupling flows).
         key: a JAX PRNG key (or int seed); ``None`` means ``jax.random.key(0)``.
         num_particles: Monte Carlo draws per gradient estimate (>= 1), vectorised.
         init: optional dict of *constrained* initial values for some or all latents; the rest

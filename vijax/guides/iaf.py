@@ -86,7 +86,7 @@ class IAF:
     hidden: tuple[int, ...] | None = None
     base: object = dataclasses.field(default_factory=MeanField)
     name = "iaf"
-    default_learning_rate = 0.003
+    default_learning_rate = 0.01
 
     def __post_init__(self) -> None:
         check_flow_config("IAF", self.num_layers, self.hidden)
