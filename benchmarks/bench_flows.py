@@ -123,6 +123,7 @@ METHODS = {m.name: m for m in (
     Method("numpyro_bnaf", "NumPyro AutoBNAFNormal", "numpyro",
            lambda d: "num_flows=1, hidden_factors=[8, 8] (defaults)"),
 )}
+QUICK_TARGETS = ("banana", "one_comp")  # compilation dominates a run: two targets, not four
 DEFAULT_METHODS = ("vijax_fullrank", "vijax_iaf", "vijax_spline", "numpyro_iaf", "numpyro_bnaf")
 
 
@@ -585,10 +586,13 @@ def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_flows", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="500-step fits, 3 chunk repeats, in-process first fits (3-4 minutes)")
+                   help="banana and one_comp only, 500-step fits, 3 chunk repeats, in-process "
+                        "first fits (about 3 minutes; compilation dominates)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="directory for the JSON and markdown results")
-    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    p.add_argument("--targets", nargs="+", default=None, choices=list(TARGETS),
+                   help=f"default: all ({', '.join(TARGETS)}); with --quick: "
+                        f"{', '.join(QUICK_TARGETS)}")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    choices=list(METHODS))
     p.add_argument("--steps", type=int, default=None, help="steps per fit (default 2000; "
@@ -603,6 +607,8 @@ def _parse(argv) -> argparse.Namespace:
                    help="where first fits are timed (default: process; inproc with --quick)")
     p.add_argument("--child", nargs=2, metavar=("TARGET", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.targets is None:
+        args.targets = list(QUICK_TARGETS if args.quick else TARGETS)
     if args.steps is None:
         args.steps = 500 if args.quick else 2000
     args.chunk = min(500, args.steps)  # vijax's default chunk: the program its fit runs
