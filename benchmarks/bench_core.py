@@ -113,7 +113,7 @@ def _vijax_session(cfg: Config, steps: int, numpyro_meanfield: str) -> Session:
 
     def chunk(data, n):
         spec = vj.guides.resolve_spec(guide)
-        _, _, runner, start = _pipeline(model.target, spec, cfg.particles, optimizer, n)
+        _, _, runner, start, _ = _pipeline(model.target, spec, cfg.particles, optimizer, n)
         data = vj.prepare_data(data)
         key = jax.random.key(0)
         # vijax's own start-up program: random init in (-2, 2), guide and optimizer state
