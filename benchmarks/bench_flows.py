@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,12 +53,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoBNAFNormal, AutoIAFNormal
 from numpyro.infer.util import log_density as numpyro_log_density
 
 import vijax as vj
+from benchmarks.bench_core import machine_info
 from benchmarks.flow_targets import TARGETS, FlowTarget, concentrations, get_target
 from vijax.fit import _pipeline
 from vijax.guides.flow import default_hidden, default_layers
@@ -439,31 +437,6 @@ def bench_target(name: str, args) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # report
-def machine_info() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vijax"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        commit += " (vijax/ modified)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "numpyro": numpyro.__version__,
-        "optax": optax.__version__,
-        "vijax": vj.__version__,
-        "vijax_commit": commit,
-        "loadavg_end": list(os.getloadavg()),
-    }
-
-
 def _vs_numpyro(row: dict) -> list[dict[str, Any]]:
     """Each vijax flow against the most accurate NumPyro flow of the target (lowest neg-ELBO):
     the target is at least its accuracy (neg-ELBO not worse beyond 2 standard errors of the
