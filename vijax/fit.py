@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import math
 import time
@@ -190,12 +192,21 @@ def _check_source(target, source: Any, dtype) -> None:
         raise ValueError(f"init_from: the fitted result is {got}, this fit is {dtype}")
 
 
+def _same_family(a, b) -> bool:
+    """Same guide class and configuration apart from ``init_scale`` (which only sets the
+    starting point, so a flow's unit-scale base can take over a fitted Gaussian)."""
+    if a is None or type(a) is not type(b) or not dataclasses.is_dataclass(a):
+        return False
+    return all(getattr(a, f.name) == getattr(b, f.name)
+               for f in dataclasses.fields(a) if f.name != "init_scale")
+
+
 def _warm_params(spec, params, source: FitResult):
     """Guide parameters taken over from ``source``: all of them when the guide is the same,
     the base when the new guide is a flow over the source's family; else ``None``."""
     if source.guide_spec == spec:
         taken = source.params
-    elif getattr(spec, "base", None) == source.guide_spec:
+    elif _same_family(getattr(spec, "base", None), source.guide_spec):
         taken = {**params, "base": source.params}
     else:
         return None

@@ -2,7 +2,7 @@
 
 One call runs ``chunk_len`` steps on device. Keys are derived per global step
 (``fold_in(key, step)``), so the draws do not depend on the chunk size; steps past
-``total_steps`` are skipped by ``lax.cond`` (the last chunk may be partial). The data, key,
+``total_steps`` (the last chunk may be partial) change nothing. The data, key,
 step budget and averaging start are arguments, so a refit on new data of the same shapes reuses
 the compiled program.
 
@@ -50,28 +50,34 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _step(objective, optimizer, data, key, total_steps, avg_start, state: FitState):
+    active = state.step < total_steps
     loss, grads = jax.value_and_grad(objective.loss, argnums=1)(
         jax.random.fold_in(key, state.step), state.params, data)
-    ok = jnp.isfinite(loss) & _all_finite(grads)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    ok = active & finite
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
 
-    def apply(s):
-        updates, opt_state = optimizer.update(grads, s.opt_state, s.params)
-        return optax.apply_updates(s.params, updates), opt_state
+    # Selects, not lax.cond: they fuse with the update into one pass over each array, and on
+    # an accelerator a cond costs a device-to-host copy of its predicate every step. A
+    # skipped step (non-finite, or past the budget) keeps params and optimizer state bitwise.
+    def keep(new, old):
+        return jnp.where(ok, new, old)
 
-    # one branch, not a select per leaf: a skipped step leaves params and optimizer state
-    # bitwise unchanged
-    params, opt_state = jax.lax.cond(ok, apply, lambda s: (s.params, s.opt_state), state)
-
-    def running_mean(a):
-        n = (state.step - avg_start + 1).astype(loss.dtype)
-        return jax.tree_util.tree_map(lambda x, p: x + (p - x) / n, a, params)
+    params = jax.tree_util.tree_map(keep, params, state.params)
+    opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
 
     # mean over steps >= avg_start; before that the average tracks the iterate
-    avg = jax.lax.cond(state.step >= avg_start, running_mean, lambda a: params,
-                       state.avg_params)
-    new = FitState(params, opt_state, avg, state.step + 1,
-                   state.n_nonfinite + (~ok).astype(jnp.int32))
-    return new, loss
+    n = jnp.maximum(state.step - avg_start + 1, 1).astype(loss.dtype)
+    averaging = state.step >= avg_start
+
+    def average(a, p):
+        return jnp.where(active, jnp.where(averaging, a + (p - a) / n, p), a)
+
+    avg = jax.tree_util.tree_map(average, state.avg_params, params)
+    new = FitState(params, opt_state, avg, state.step + active.astype(jnp.int32),
+                   state.n_nonfinite + (active & ~finite).astype(jnp.int32))
+    return new, jnp.where(active, loss, jnp.nan)
 
 
 @functools.lru_cache(maxsize=128)
@@ -79,19 +85,13 @@ def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformat
                       chunk_len: int):
     """Jitted ``run(state, data, key, total_steps, avg_start) -> (state, losses (chunk_len,))``.
 
-    Cached on its (hashable) arguments: one compiled program per configuration. Losses of
-    skipped steps (past ``total_steps``) are NaN; the host trims them.
+    Cached on its (hashable) arguments: one compiled program per configuration. Steps past
+    ``total_steps`` change nothing and their losses are NaN; the host trims them.
     """
 
     def run(state, data, key, total_steps, avg_start):
         def body(state, _):
-            active = state.step < total_steps
-            return jax.lax.cond(
-                active,
-                functools.partial(_step, objective, optimizer, data, key, total_steps,
-                                  avg_start),
-                lambda s: (s, jnp.full((), jnp.nan, _loss_dtype(s))),
-                state)
+            return _step(objective, optimizer, data, key, total_steps, avg_start, state)
 
         return jax.lax.scan(body, state, None, length=chunk_len)
 

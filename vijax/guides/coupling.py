@@ -25,8 +25,8 @@ from vijax.guides.flow import (
     check_flow_config,
     default_hidden,
     default_layers,
+    unit_base,
 )
-from vijax.guides.meanfield import MeanField
 from vijax.guides.networks import mlp
 from vijax.guides.rq_spline import num_params, rq_spline
 
@@ -97,7 +97,9 @@ class Spline:
         num_bins: spline bins K (>= 2).
         hidden: conditioner widths; ``None``: two layers of ``clip(4 dim, 32, 512)``.
         bound: the spline acts on ``[-bound, bound]`` (identity outside).
-        base: the base guide (a Gaussian family object); default ``MeanField()``.
+        base: the base guide (a Gaussian family object); default ``MeanField(init_scale=1.0)``:
+            a flow starts as a unit-scale Gaussian (its layers can widen a coordinate only
+            slowly, so a narrow start holds it back).
 
     Example:
         >>> import vijax as vj
@@ -109,7 +111,7 @@ class Spline:
     num_bins: int = 8
     hidden: tuple[int, ...] | None = None
     bound: float = 5.0
-    base: object = dataclasses.field(default_factory=MeanField)
+    base: object = dataclasses.field(default_factory=unit_base)
     name = "spline"
     default_learning_rate = 0.003
 
@@ -139,7 +141,9 @@ class RealNVP:
     Args:
         num_layers: coupling layers; ``None``: ``clip(ceil(log2 dim) + 2, 3, 8)``.
         hidden: conditioner widths; ``None``: two layers of ``clip(4 dim, 32, 512)``.
-        base: the base guide (a Gaussian family object); default ``MeanField()``.
+        base: the base guide (a Gaussian family object); default ``MeanField(init_scale=1.0)``:
+            a flow starts as a unit-scale Gaussian (its layers can widen a coordinate only
+            slowly, so a narrow start holds it back).
 
     Example:
         >>> import vijax as vj
@@ -149,7 +153,7 @@ class RealNVP:
 
     num_layers: int | None = None
     hidden: tuple[int, ...] | None = None
-    base: object = dataclasses.field(default_factory=MeanField)
+    base: object = dataclasses.field(default_factory=unit_base)
     name = "realnvp"
     default_learning_rate = 0.003
 

@@ -26,8 +26,8 @@ from vijax.guides.flow import (
     check_flow_config,
     default_hidden,
     default_layers,
+    unit_base,
 )
-from vijax.guides.meanfield import MeanField
 from vijax.guides.networks import made
 
 __all__ = ["IAF", "iaf_layer"]
@@ -72,9 +72,11 @@ class IAF:
     Args:
         num_layers: IAF layers; ``None``: ``clip(ceil(log2 dim) + 2, 3, 8)``.
         hidden: MADE hidden widths; ``None``: two layers of ``clip(4 dim, 32, 512)``.
-        base: the base guide (a Gaussian family object); default ``MeanField()``.
+        base: the base guide (a Gaussian family object); default ``MeanField(init_scale=1.0)``:
+            a flow starts as a unit-scale Gaussian (its layers can widen a coordinate only
+            slowly, so a narrow start holds it back).
 
-    Params: ``{"base": base params, "layers": (MADE params, ...)}``.
+    Params: ``{"base": base params, "layers": (n,) all MADE weights as one flat vector}``.
 
     Example:
         >>> import vijax as vj
@@ -84,7 +86,7 @@ class IAF:
 
     num_layers: int | None = None
     hidden: tuple[int, ...] | None = None
-    base: object = dataclasses.field(default_factory=MeanField)
+    base: object = dataclasses.field(default_factory=unit_base)
     name = "iaf"
     default_learning_rate = 0.01
 
