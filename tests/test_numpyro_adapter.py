@@ -11,6 +11,7 @@ import pytest
 from numpyro.distributions import constraints
 from numpyro.infer.util import log_density, potential_energy
 
+import vijax as vj
 from tests.conftest import precision
 from vijax.model import Model
 from vijax.numpyro_adapter import _clear_cache, from_numpyro
@@ -126,6 +127,110 @@ def test_log_density_matches_numpyro(model_fn, args, kwargs, dtype):
             np.testing.assert_allclose(*out["unconstrain"], rtol=tol, atol=tol)
 
 
+# --- discrete latents ----------------------------------------------------------------------
+
+
+def bernoulli_mixture(y):
+    """A continuous latent, a positive one and a Bernoulli vector (enumerate is ignored)."""
+    loc = numpyro.sample("loc", dist.Normal(0.0, 2.0))
+    scale = numpyro.sample("scale", dist.HalfNormal(1.0))
+    with numpyro.plate("data", y.shape[0]):
+        z = numpyro.sample("z", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})
+        numpyro.sample("y", dist.Normal(loc * (2 * z - 1), scale), obs=y)
+
+
+def test_bernoulli_latent_is_declared_and_scored_as_numpyro_does():
+    m = from_numpyro(bernoulli_mixture, Y)
+    assert list(m.latents) == ["loc", "scale", "z"]
+    assert m.latents["z"].shape == (5,) and m.latents["z"].support is constraints.boolean
+    target = m.target
+    assert target.names == ("loc", "scale") and target.discrete_names == ("z",)
+    assert (target.dim, target.full_dim) == (2, 7)
+
+    @jax.jit  # one program for all points
+    def compare(theta, data):
+        z = target.constrain(theta)  # discrete values: int32, as vijax passes them
+        return z["z"], m.log_density(z, data), log_density(bernoulli_mixture, (Y,), {}, z)[0]
+
+    key_c, key_d = jax.random.split(jax.random.key(0))
+    cont = jax.random.normal(key_c, (4, 2))
+    disc = jax.random.bernoulli(key_d, 0.5, (4, 5)).astype(jnp.float32)
+    for theta in jnp.concatenate([cont, disc], axis=1):
+        z, ours, theirs = compare(theta, m.data)
+        assert z.dtype == jnp.int32 and z.shape == (5,)
+        # same computation on the same values: only float rounding differs
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+    assert from_numpyro(bernoulli_mixture, Y + 1.0).target is target  # memoised
+
+
+MEANS = jnp.array([-1.0, 0.5, 2.0])
+PRIOR = jnp.array([0.5, 0.3, 0.2])
+Y_GROUPS = jnp.array([[0.2, 1.1, -0.4], [1.9, 1.2, 2.6]])
+
+
+def categorical_means(y):
+    """Per group g, k_g ~ Categorical(PRIOR) and y_gi ~ N(MEANS[k_g], 1): q(k) can be exact."""
+    with numpyro.plate("groups", y.shape[0]):
+        k = numpyro.sample("k", dist.Categorical(PRIOR))
+        numpyro.sample("y", dist.Normal(MEANS[k][:, None], 1.0).to_event(1), obs=y)
+
+
+def test_categorical_latent_is_fitted_to_the_exact_posterior():
+    m = from_numpyro(categorical_means, Y_GROUPS)
+    assert m.latents["k"].shape == (2,)
+    support = m.latents["k"].support
+    assert (support.lower_bound, support.upper_bound) == (0, 2)
+    res = vj.fit(m, steps=1000, key=jax.random.key(0))
+    # exact posterior by enumeration: p(k_g | y) ~ PRIOR_k prod_i N(y_gi | MEANS_k, 1)
+    log_post = jnp.log(PRIOR) + dist.Normal(MEANS[:, None, None], 1.0).log_prob(
+        Y_GROUPS).sum(-1).T
+    exact = np.asarray(jax.nn.softmax(log_post, axis=-1))
+    fitted = np.asarray(jax.nn.softmax(res.params["discrete"]["k"], axis=-1))
+    assert fitted.shape == (2, 3)
+    # 0.05: over keys 0-3 the averaged score-function iterates land within 0.025 of it
+    np.testing.assert_allclose(fitted, exact, atol=0.05)
+
+
+@pytest.mark.parametrize("prior", [dist.Poisson(3.0), dist.Geometric(0.4)],
+                         ids=["poisson", "geometric"])
+def test_infinite_discrete_latent_raises_naming_the_site(prior):
+    def counts(y):
+        n = numpyro.sample("n_events", prior)
+        numpyro.sample("y", dist.Normal(n, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="'n_events'.*only finite supports.*boolean.*"
+                                         "integer_interval.*marginalise.*bound it"):
+        from_numpyro(counts, Y)
+
+
+def test_discrete_bounds_are_scalars_or_the_site_is_rejected():
+    def batched(y, total, high):
+        c = numpyro.sample("c", dist.Categorical(jnp.ones((2, 3)) / 3.0))  # batched probs
+        b = numpyro.sample("b", dist.Binomial(total, 0.5))  # array total_count
+        u = numpyro.sample("uneven", dist.DiscreteUniform(0, high))
+        numpyro.sample("y", dist.Normal(c.sum() + b.sum() + u.sum(), 1.0), obs=y)
+
+    m = from_numpyro(batched, Y, jnp.array([4, 4]), jnp.array([2, 2, 2]))
+    bounds = {k: (lat.shape, lat.support.lower_bound, lat.support.upper_bound)
+              for k, lat in m.latents.items()}
+    assert bounds == {"c": ((2,), 0, 2), "b": ((2,), 0, 4), "uneven": ((3,), 0, 2)}
+    assert all(isinstance(b, int) for _, *lh in bounds.values() for b in lh)
+    with pytest.raises(ValueError, match="'uneven'.*different range of values per element"):
+        from_numpyro(batched, Y, jnp.array([4, 4]), jnp.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="'b'.*different range of values per element"):
+        from_numpyro(batched, Y, jnp.array([4, 5]), jnp.array([2, 2, 2]))
+
+
+def test_support_depending_on_a_discrete_latent_raises_naming_the_site():
+    def nested(y):
+        n = numpyro.sample("n", dist.DiscreteUniform(1, 3))
+        k = numpyro.sample("k_below_n", dist.DiscreteUniform(0, n))
+        numpyro.sample("y", dist.Normal(k, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="'k_below_n'.*depends on other latents"):
+        from_numpyro(nested, Y)
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
@@ -140,15 +245,6 @@ def test_no_latent_sites_raises_naming_the_model():
 
     with pytest.raises(ValueError, match="all_observed.*no latent"):
         from_numpyro(all_observed, Y)
-
-
-def test_discrete_latent_raises_naming_the_site():
-    def mixture(y):
-        k = numpyro.sample("component", dist.Bernoulli(0.5))
-        numpyro.sample("y", dist.Normal(k, 1.0), obs=y)
-
-    with pytest.raises(ValueError, match="'component'.*discrete latents are not supported yet"):
-        from_numpyro(mixture, Y)
 
 
 def test_param_site_raises_naming_the_site():

@@ -39,8 +39,8 @@ def test_invalid_shapes_and_supports():
         vj.Latent(support="positive")
     with pytest.raises(TypeError, match="'w'.*vj.Latent"):
         vj.Model(_normal_model, {"w": (3,)})
-    with pytest.raises(ValueError, match="'k'.*discrete"):
-        vj.Model(_normal_model, {"k": vj.Latent(support=constraints.boolean)})
+    with pytest.raises(ValueError, match="'k' has a discrete support.*not finite"):
+        vj.Model(_normal_model, {"k": vj.Latent(support=constraints.positive_integer)})
     with pytest.raises(ValueError, match="'p'.*needs at least 1"):
         vj.Model(_normal_model, {"p": vj.Latent(shape=(), support=constraints.simplex)})
     with pytest.raises(ValueError, match="'L'"):

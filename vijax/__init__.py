@@ -4,7 +4,7 @@ Models are pure functions of a dict of latent values; guides are built automatic
 ELBO is optimised by any Optax optimizer inside one compiled loop.
 """
 
-from vijax import datasets, guides
+from vijax import datasets, estimators, guides
 from vijax.fit import fit, prepare_data
 from vijax.model import Latent, Model, model
 from vijax.numpyro_adapter import from_numpyro
@@ -16,6 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Latent", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics", "Summary",
-    "guides", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
+    "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
     "__version__",
 ]

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vijax.estimators import resolve_estimator
 from vijax.guides.resolve import build_guide, resolve_spec
 from vijax.loop import init_state, make_chunk_runner
 from vijax.model import Model
-from vijax.objective import elbo
+from vijax.objective import make_objective
 from vijax.optim import default_optimizer
 from vijax.result import Diagnostics, FitResult
 
@@ -110,8 +111,8 @@ def check_data(data: Any, dtype=None) -> Any:
 
 def _check_log_joint(model: Model, target, data, dtype) -> None:
     """Trace the model's density once on abstract values: it must return a float scalar."""
-    theta = jax.ShapeDtypeStruct((target.dim,), dtype)
-    shapes = {b.name: b.shape for b in target.blocks}
+    theta = jax.ShapeDtypeStruct((target.full_dim,), dtype)
+    shapes = {b.name: b.shape for b in target.blocks + target.discrete}
     if model.factorised:
         prior = _trace(lambda: jax.eval_shape(
             lambda t: model.log_prior(target.constrain(t)), theta), "log_prior", shapes)
@@ -153,9 +154,10 @@ def _check_float(out, fname: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # compiled pieces, cached on hashable configuration (one program per configuration)
 @functools.lru_cache(maxsize=128)
-def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int):
+def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int,
+              estimator="auto"):
     guide = build_guide(spec, target)
-    objective = elbo(target, guide, num_particles)
+    objective = make_objective(target, guide, estimator, num_particles)
     runner = make_chunk_runner(objective, optimizer, chunk_len)
     find = _init_finder(target, guide.no_jacobian)
 
@@ -163,9 +165,12 @@ def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int):
     def start(key, data, fixed, mask):
         k_init, k_guide, k_loop = jax.random.split(key, 3)
         tries, theta, ok = find(k_init, data, fixed, mask)
-        return tries, theta, ok, init_state(guide.init(k_guide, theta), optimizer), k_loop
+        state = init_state(guide.init(k_guide, theta), optimizer,
+                           objective.init_state(theta.dtype))
+        return tries, theta, ok, state, k_loop
 
-    restart = jax.jit(lambda params: init_state(params, optimizer))  # warm starts
+    restart = jax.jit(lambda params: init_state(  # warm starts
+        params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype)))
     return guide, objective, runner, start, restart
 
 
@@ -181,8 +186,10 @@ def _source_loc(source: FitResult) -> np.ndarray:
 def _check_source(target, source: Any, dtype) -> None:
     if not isinstance(source, FitResult):
         raise TypeError(f"init_from must be a vj.FitResult, got {type(source)}")
-    mine = [(b.name, b.unconstrained_shape) for b in target.blocks]
-    theirs = [(b.name, b.unconstrained_shape) for b in source.target.blocks]
+    mine = [(b.name, b.unconstrained_shape) for b in target.blocks] + [
+        (b.name, b.shape, b.low, b.num_values) for b in target.discrete]
+    theirs = [(b.name, b.unconstrained_shape) for b in source.target.blocks] + [
+        (b.name, b.shape, b.low, b.num_values) for b in source.target.discrete]
     if mine != theirs:
         raise ValueError(f"init_from: the fitted result's latents {theirs} do not match the "
                          f"model's latents {mine}")
@@ -200,37 +207,57 @@ def _same_family(a, b) -> bool:
                for f in dataclasses.fields(a) if f.name != "init_scale")
 
 
-def _warm_params(spec, params, source: FitResult):
-    """Guide parameters taken over from ``source``: all of them when the guide is the same,
-    the base when the new guide is a flow over the source's family; else ``None``."""
-    if source.guide_spec == spec:
-        taken = source.params
-    elif _same_family(getattr(spec, "base", None), source.guide_spec):
-        taken = {**params, "base": source.params}
+def _warm_continuous(spec, params, source_params, source_spec, source_name):
+    if source_spec == spec:
+        taken = source_params
+    elif _same_family(getattr(spec, "base", None), source_spec):
+        taken = {**params, "base": source_params}
     else:
         return None
     shapes = jax.tree_util.tree_map(jnp.shape, (taken, params))
     if jax.tree_util.tree_structure(taken) != jax.tree_util.tree_structure(params) or \
             shapes[0] != shapes[1]:
         raise ValueError("init_from: the fitted guide's parameters do not fit this guide "
-                         f"({source.guide.name} -> {spec.name})")
+                         f"({source_name} -> {spec.name})")
     return taken
 
 
-def _init_finder(target, no_jacobian: frozenset):
-    """``(key, data, fixed (dim,), mask (dim,)) -> (tries, theta, ok)``.
+def _warm_params(spec, params, source: FitResult):
+    """Guide parameters taken over from ``source``: all of them when the guide is the same,
+    the base when the new guide is a flow over the source's family (discrete latents' logits
+    always); else ``None``."""
+    if not source.target.discrete:
+        return _warm_continuous(spec, params, source.params, source.guide_spec,
+                                source.guide.name)
+    cont = _warm_continuous(spec, params["continuous"], source.params["continuous"],
+                            source.guide_spec, source.guide.name)
+    return {"continuous": params["continuous"] if cont is None else cont,
+            "discrete": source.params["discrete"]}
 
-    Draws ``theta ~ Uniform(-2, 2)`` in unconstrained space for unmasked entries (masked
-    ones come from ``init=``) until the log density and its gradient are finite.
+
+def _init_finder(target, no_jacobian: frozenset):
+    """``(key, data, fixed (full_dim,), mask (full_dim,)) -> (tries, theta, ok)``.
+
+    Draws ``theta ~ Uniform(-2, 2)`` in unconstrained space (discrete latents: uniform
+    category indices) for unmasked entries (masked ones come from ``init=``) until the log
+    density and its gradient are finite.
     """
+    dim = target.dim
+    num_values = np.concatenate([np.full(b.size, b.num_values) for b in target.discrete]
+                                or [np.zeros(0)])
+
     def finite_at(theta, data):
         lp, g = jax.value_and_grad(target.log_density)(theta, data, no_jacobian)
         return jnp.isfinite(lp) & jnp.all(jnp.isfinite(g))
 
     def find(key, data, fixed, mask):
         def candidate(i):
-            u = jax.random.uniform(jax.random.fold_in(key, i), fixed.shape, fixed.dtype,
-                                   -2.0, 2.0)
+            k_c, k_d = jax.random.split(jax.random.fold_in(key, i))
+            u = jax.random.uniform(k_c, (dim,), fixed.dtype, -2.0, 2.0)
+            if num_values.size:
+                idx = jnp.floor(jax.random.uniform(k_d, num_values.shape, fixed.dtype)
+                                * num_values)
+                u = jnp.concatenate([u, jnp.minimum(idx, num_values - 1).astype(fixed.dtype)])
             return jnp.where(mask, fixed, u)
 
         def cond(c):
@@ -249,9 +276,9 @@ def _init_finder(target, no_jacobian: frozenset):
 
 
 def _fixed_init(target, init, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Unconstrained values and mask ``(dim,)`` of the latents given in ``init``."""
-    fixed = np.zeros((target.dim,), dtype)
-    mask = np.zeros((target.dim,), bool)
+    """Unconstrained values and mask ``(full_dim,)`` of the latents given in ``init``."""
+    fixed = np.zeros((target.full_dim,), dtype)
+    mask = np.zeros((target.full_dim,), bool)
     if init is not None:
         if not isinstance(init, Mapping):
             raise TypeError(f"init must be a dict from latent name to constrained value, got "
@@ -259,7 +286,10 @@ def _fixed_init(target, init, dtype) -> tuple[np.ndarray, np.ndarray]:
         target.check_values(init)
         for name, value in init.items():
             b = target.block(name)
-            u = np.asarray(b.transform.inv(jnp.asarray(value, dtype))).ravel()
+            if name in target.discrete_names:
+                u = (np.asarray(value) - b.low).astype(dtype).ravel()
+            else:
+                u = np.asarray(b.transform.inv(jnp.asarray(value, dtype))).ravel()
             if not np.all(np.isfinite(u)):
                 raise ValueError(f"init value of latent {name!r} ({value}) maps to a non-finite "
                                  "unconstrained value; it lies on the boundary of its support")
@@ -306,9 +336,9 @@ def _final_loss(losses: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------
 def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int = 2000,
         optimizer: optax.GradientTransformation | None = None, key: Any = None,
-        num_particles: int = 1, init: Mapping[str, Any] | None = None, average: float = 0.5,
-        chunk_size: int = DEFAULT_CHUNK, dtype: Any = None,
-        init_from: FitResult | None = None) -> FitResult:
+        num_particles: int | None = None, init: Mapping[str, Any] | None = None,
+        average: float = 0.5, chunk_size: int = DEFAULT_CHUNK, dtype: Any = None,
+        init_from: FitResult | None = None, estimator: Any = "auto") -> FitResult:
     """Fit a variational approximation q to the posterior of ``model`` given ``data``.
 
     Maximises the ELBO ``E_q[log p(x, z)] - E_q[log q(z)]`` over the guide's parameters in
@@ -328,7 +358,9 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
             the guide's ``default_learning_rate`` (0.05 Gaussian families, 0.01 IAF, 0.003
             coupling flows).
         key: a JAX PRNG key (or int seed); ``None`` means ``jax.random.key(0)``.
-        num_particles: Monte Carlo draws per gradient estimate (>= 1), vectorised.
+        num_particles: Monte Carlo draws per gradient estimate (>= 1), vectorised; ``None``:
+            1, or 8 for models with discrete latents (so that their score-function gradient
+            gets a leave-one-out baseline).
         init: optional dict of *constrained* initial values for some or all latents; the rest
             start uniform in (-2, 2) in unconstrained space, redrawn until the log joint is finite.
         average: fraction of final steps whose iterates are averaged, in [0, 1); 0 returns the
@@ -339,9 +371,15 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
             continues from its parameters; a flow whose base is the fitted family starts as
             exactly that fit (its layers start as the identity); any other guide is centred on
             the fitted guide's mean.
+        estimator: the gradient estimator and bound (:mod:`vijax.estimators`): ``"auto"``
+            (reparameterised ELBO; score function with a baseline for discrete latents),
+            ``"reparam"``, ``"stl"``, ``"iwae"``, ``"dreg"``, ``"renyi"``, ``"score"`` or a
+            configured object (``vj.estimators.Renyi(alpha=0.5)``). The choice is recorded
+            in ``res.diagnostics.estimator`` and the bound in ``res.diagnostics.objective``.
 
     Returns:
-        A :class:`vijax.FitResult`; ``res.losses`` has shape ``(steps,)`` (negative ELBO).
+        A :class:`vijax.FitResult`; ``res.losses`` has shape ``(steps,)``: the value being
+        minimised (negative ELBO, or the negative bound of the estimator).
 
     Example:
         >>> import jax, numpyro.distributions as dist, vijax as vj
@@ -357,6 +395,9 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
         raise TypeError(f"model must be a vj.Model (use @vj.model, vj.Model or vj.from_numpyro), "
                         f"got {type(model)}")
     steps = _check_int("steps", steps)
+    estimator = resolve_estimator(estimator)
+    if num_particles is None:
+        num_particles = 8 if model.target.discrete else 1
     num_particles = _check_int("num_particles", num_particles)
     chunk_size = _check_int("chunk_size", chunk_size)
     if not isinstance(average, int | float) or not 0.0 <= average < 1.0:
@@ -372,13 +413,14 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, data, dtype)
     guide_fns, objective, runner, start, restart = _pipeline(target, spec, num_particles,
-                                                             optimizer, chunk_len)
+                                                             optimizer, chunk_len, estimator)
     key = _check_key(key)
     if init_from is not None:
         if init is not None:
             raise ValueError("give init or init_from, not both")
         _check_source(target, init_from, dtype)
-        fixed, mask = _source_loc(init_from).astype(dtype), np.ones((target.dim,), bool)
+        fixed, mask = _source_loc(init_from).astype(dtype), np.ones((target.full_dim,), bool)
+        fixed[target.dim:] = np.round(fixed[target.dim:])  # discrete: nearest index
     else:
         fixed, mask = _fixed_init(target, init, dtype)
     data = jax.tree_util.tree_map(jnp.asarray, data)
@@ -407,6 +449,7 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
     _check_finite_params(target, guide_fns, state, steps)
     diagnostics = Diagnostics(n_steps=steps, n_nonfinite_skipped=n_skipped, wall_time=wall,
                               objective=objective.name, num_particles=num_particles,
+                              estimator=objective.estimator,
                               final_loss=_final_loss(losses))
     return FitResult(model=model, guide=guide_fns, guide_spec=spec, params=state.avg_params,
                      last_params=state.params, opt_state=state.opt_state, losses=losses,

@@ -6,13 +6,12 @@ One call runs ``chunk_len`` steps on device. Keys are derived per global step
 step budget and averaging start are arguments, so a refit on new data of the same shapes reuses
 the compiled program.
 
-Each step: ``loss, g = value_and_grad(objective.loss)``; a step whose loss or gradient is not
-finite leaves parameters and optimizer state unchanged and is counted; otherwise
-``params <- optax.apply_updates(params, optimizer.update(g, ...))``. (An optimizer that turns
-finite gradients into non-finite parameters, e.g. a NaN step size, is caught after the fit.)
-Tail iterate averaging
-(Polyak-Ruppert, as recommended for stochastic VI by Dhaka et al. 2020) keeps
-``avg = mean(params_t for t >= avg_start)``.
+Each step: ``(loss, est_state), g = value_and_grad(objective.loss, has_aux=True)``; a step
+whose loss or gradient is not finite leaves parameters and optimizer state unchanged and is
+counted; otherwise ``params <- optax.apply_updates(params, optimizer.update(g, ...))``. (An
+optimizer that turns finite gradients into non-finite parameters, e.g. a NaN step size, is
+caught after the fit.) Tail iterate averaging (Polyak-Ruppert, as recommended for stochastic
+VI by Dhaka et al. 2020) keeps ``avg = mean(params_t for t >= avg_start)``.
 """
 
 from __future__ import annotations
@@ -37,11 +36,13 @@ class FitState(NamedTuple):
     avg_params: Any
     step: jax.Array  # int32 scalar
     n_nonfinite: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
+    est_state: Any = ()  # the estimator's own state (e.g. a moving-average baseline)
 
 
-def init_state(params, optimizer: optax.GradientTransformation) -> FitState:
+def init_state(params, optimizer: optax.GradientTransformation, est_state: Any = ()
+               ) -> FitState:
     zero = jnp.zeros((), jnp.int32)
-    return FitState(params, optimizer.init(params), params, zero, zero)
+    return FitState(params, optimizer.init(params), params, zero, zero, est_state)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -51,8 +52,8 @@ def _all_finite(tree) -> jax.Array:
 
 def _step(objective, optimizer, data, key, total_steps, avg_start, state: FitState):
     active = state.step < total_steps
-    loss, grads = jax.value_and_grad(objective.loss, argnums=1)(
-        jax.random.fold_in(key, state.step), state.params, data)
+    (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1, has_aux=True)(
+        jax.random.fold_in(key, state.step), state.params, data, state.est_state)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     ok = active & finite
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -66,6 +67,7 @@ def _step(objective, optimizer, data, key, total_steps, avg_start, state: FitSta
 
     params = jax.tree_util.tree_map(keep, params, state.params)
     opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+    est_state = jax.tree_util.tree_map(keep, est_state, state.est_state)
 
     # mean over steps >= avg_start; before that the average tracks the iterate
     n = jnp.maximum(state.step - avg_start + 1, 1).astype(loss.dtype)
@@ -76,7 +78,7 @@ def _step(objective, optimizer, data, key, total_steps, avg_start, state: FitSta
 
     avg = jax.tree_util.tree_map(average, state.avg_params, params)
     new = FitState(params, opt_state, avg, state.step + active.astype(jnp.int32),
-                   state.n_nonfinite + (active & ~finite).astype(jnp.int32))
+                   state.n_nonfinite + (active & ~finite).astype(jnp.int32), est_state)
     return new, jnp.where(active, loss, jnp.nan)
 
 

@@ -9,13 +9,24 @@ here rather than inside the fit. Every sample site that is not observed becomes 
 from other latents) is read from two eager traces at two latent points; if it differs between
 them it depends on a latent, which is an error.
 
+Discrete latent sites with a finite support are latents too (fitted by vijax with a
+categorical guide): ``Bernoulli`` (``constraints.boolean``), ``Categorical`` (``integer_interval(0,
+K - 1)``), ``DiscreteUniform``, ``Binomial`` and ``BetaBinomial`` (``integer_interval``), also
+under ``.to_event`` (the support is declared elementwise). ``integer_interval`` bounds are
+reduced to scalar ints; bounds that differ between the site's elements (e.g. a ``Binomial``
+with a different ``total_count`` per element) are an error. In the traces a discrete latent is
+set to its lower bound (first trace) or upper bound (second), as int32. Discrete supports that
+are infinite (``Poisson``, ``Geometric``: ``nonnegative_integer``) or not elementwise
+(``Multinomial``) are rejected. A site marked ``infer={"enumerate": "parallel"}`` is an
+ordinary discrete latent: vijax does not enumerate it.
+
 The log joint is NumPyro's own,
 
     log p(z, x) = sum_sites scale_s * sum log p_s(value_s | ...),
 
 over latent, observed and ``numpyro.factor`` sites, evaluated by
 ``numpyro.infer.util.log_density`` at *constrained* latent values (no Jacobian: vijax adds it
-in :mod:`vijax.target`).
+in :mod:`vijax.target`), discrete ones as the int32 arrays vijax passes.
 
 Data: ``(args, kwargs)`` is flattened with ``jax.tree_util``. Leaves that are arrays (NumPy or
 JAX, any dtype and rank, 0-d included), NumPy floating scalars and Python ``float`` are
@@ -45,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
+from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
@@ -125,23 +137,53 @@ def _explain_tracer_errors(name: str) -> Iterator[None]:
             f"static. JAX said: {e}") from None
 
 
+def _finite_base(support: Any) -> Any:
+    """The elementwise finite support (boolean or integer_interval) of a discrete support,
+    under any ``independent`` wrappers (``.to_event``); ``None`` if it is not one."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if isinstance(support, type(constraints.boolean) | constraints.integer_interval):
+        return support
+    return None
+
+
+def _fill_discrete(support: Any, shape: tuple[int, ...], shift: float) -> Any:
+    """int32 value of a finite discrete site: its lower bound at ``shift == 0``, else its
+    upper bound (two different points, so a support depending on it is caught)."""
+    base = _finite_base(support)
+    if base is None:
+        return None  # _latent_sites raises naming the site
+    if isinstance(base, type(constraints.boolean)):
+        bound = jnp.asarray(0 if shift == 0.0 else 1)
+    elif shift == 0.0:
+        bound = jnp.ceil(jnp.asarray(base.lower_bound))
+    else:
+        bound = jnp.floor(jnp.asarray(base.upper_bound))
+    return jnp.broadcast_to(bound, shape).astype(jnp.int32)
+
+
 def _fill_latent(msg: dict, shift: float) -> Any:
-    """Value of an unconstrained-grid point for a continuous latent site (else ``None``)."""
-    if msg["type"] != "sample" or msg["is_observed"] or msg["fn"].support.is_discrete:
+    """Value of a latent site at a fixed point: a continuous latent at the unconstrained grid
+    ``shift + small grid``, a finite discrete one at a bound (see :func:`_fill_discrete`);
+    ``None`` (sample from the site) for anything else."""
+    if msg["type"] != "sample" or msg["is_observed"]:
         return None
     fn = msg["fn"]
+    sample_shape = tuple(msg["kwargs"].get("sample_shape") or ())
+    if fn.support.is_discrete:
+        return _fill_discrete(fn.support, sample_shape + tuple(fn.shape()), shift)
     try:
         transform = biject_to(fn.support)
     except NotImplementedError:
         return None  # vijax.target raises naming the latent
-    shape = tuple(msg["kwargs"].get("sample_shape") or ()) + tuple(
-        transform.inverse_shape(fn.shape()))
+    shape = sample_shape + tuple(transform.inverse_shape(fn.shape()))
     grid = shift + 0.5 * np.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape)
     return transform(jnp.asarray(grid, jnp.result_type(float)))
 
 
 def _trace(model_fn: Callable, args: tuple, kwargs: dict, shift: float) -> dict:
-    """Trace with each latent set to ``biject_to(support)(shift + small grid)``.
+    """Trace with each continuous latent set to ``biject_to(support)(shift + small grid)``
+    and each finite discrete one to its lower (``shift == 0``) or upper bound.
 
     A fixed grid instead of prior draws: prior samplers (Gamma's rejection loop, LKJ, ...)
     compile op by op when run eagerly and take seconds, and the values need only lie in the
@@ -174,11 +216,13 @@ def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
         if kind != "sample" or site["is_observed"]:
             continue
         support = site["fn"].support
-        if support.is_discrete:
+        if support.is_discrete and _finite_base(support) is None:
             raise ValueError(
                 f"numpyro model {name!r}: latent site {site_name!r} has a discrete support "
-                f"({support}); discrete latents are not supported yet: marginalise it out "
-                "(e.g. with a mixture distribution) or observe it")
+                f"({support}) that is not finite or not elementwise; only finite supports "
+                "(constraints.boolean, constraints.integer_interval(a, b)) are supported: "
+                "marginalise it out (e.g. with a mixture distribution), bound it (e.g. a "
+                "Binomial or DiscreteUniform prior) or observe it")
         if not site_name.isidentifier():
             raise ValueError(
                 f"numpyro model {name!r}: latent site name {site_name!r} is not a Python "
@@ -221,7 +265,25 @@ def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: 
         second = _latent_sites(_trace(model_fn, args, kwargs, 0.7), name)
         _check_fixed_supports(first, second, name)
         supports = {k: site["fn"].support for k, site in first.items()}
+    supports = {k: _finite_support(sup, k, name) if sup.is_discrete else sup
+                for k, sup in supports.items()}
     return values, supports
+
+
+def _finite_support(support: Any, site_name: str, name: str) -> Any:
+    """A finite discrete support as vijax declares it: ``boolean`` or ``integer_interval``
+    with scalar int bounds (array bounds must be equal for all elements)."""
+    base = _finite_base(support)
+    if isinstance(base, type(constraints.boolean)):
+        return constraints.boolean
+    lo, hi = np.ceil(np.asarray(base.lower_bound)), np.floor(np.asarray(base.upper_bound))
+    if np.unique(lo).size > 1 or np.unique(hi).size > 1:
+        raise ValueError(
+            f"numpyro model {name!r}: discrete latent site {site_name!r} has a different "
+            f"range of values per element ({support}); vijax needs the same integer_interval "
+            "bounds for every element: split the site into sites with equal ranges")
+    lo, hi = (int(x.flat[0]) if x.size else 0 for x in (lo, hi))  # size 0: an empty latent
+    return constraints.integer_interval(lo, hi)
 
 
 def _support_leaves(support: Any) -> tuple[list[np.ndarray], Any]:
@@ -299,11 +361,19 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     The model is traced (``numpyro.handlers.seed`` + ``trace`` under ``jax.eval_shape``, each
     latent set to a fixed point of its support) at ``args`` and ``kwargs``; each unobserved
     sample site becomes a latent named after the site, with the site value's shape (plate
-    dimensions included) and the distribution's support, in site order (which is also the
-    order of the blocks of the unconstrained vector ``theta``).
+    dimensions included) and the distribution's support, in site order (the continuous
+    latents' blocks of the unconstrained vector ``theta`` follow it, then the discrete ones).
     Observed sites, ``numpyro.deterministic``, ``numpyro.factor`` and (non-subsampling)
     plates are supported. The log joint at constrained values is
     ``numpyro.infer.util.log_density(model_fn, args, kwargs, z)[0]``, with no Jacobian.
+
+    Discrete latent sites need a finite elementwise support: ``constraints.boolean``
+    (``Bernoulli``) or ``integer_interval(a, b)`` (``Categorical``, ``DiscreteUniform``,
+    ``Binomial``, ``BetaBinomial``, ...), with the same bounds for every element (array
+    bounds are reduced to scalar ints). Their values reach the model as int32 arrays and are
+    fitted with a categorical guide and score-function gradients. A site marked
+    ``infer={"enumerate": "parallel"}`` is treated as an ordinary discrete latent (vijax does
+    not enumerate it; to sum it out, marginalise it in the model).
 
     Array and float leaves of ``(args, kwargs)`` are the model's ``data``: a tuple of those
     leaves in ``jax.tree_util`` flattening order; every other leaf (ints, ``None``, strings,
@@ -324,10 +394,11 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
 
     Raises:
         TypeError: ``model_fn`` is not callable.
-        ValueError: the model has no latent site, a latent site is discrete, a site is a
-            ``numpyro.param``, a plate subsamples, a latent's support depends on other
-            latents (the site or plate is named), or the model uses a dynamic argument as a
-            Python value (e.g. ``if scale > 0``).
+        ValueError: the model has no latent site, a discrete latent site's support is
+            infinite (``Poisson``) or not elementwise (``Multinomial``) or its bounds differ
+            between elements, a site is a ``numpyro.param``, a plate subsamples, a latent's
+            support depends on other latents (the site or plate is named), or the model uses
+            a dynamic argument as a Python value (e.g. ``if scale > 0``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -346,6 +417,12 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
         2
         >>> from_numpyro(regression, x + 1.0, y=x).target is m.target  # no recompile
         True
+        >>> def mixture(y):
+        ...     with numpyro.plate("obs", y.shape[0]):
+        ...         z = numpyro.sample("z", dist.Bernoulli(0.5))
+        ...         numpyro.sample("y", dist.Normal(2.0 * z - 1.0, 1.0), obs=y)
+        >>> from_numpyro(mixture, jnp.array([-1.2, 0.9])).latents["z"]
+        Latent(shape=(2,), support=Boolean())
     """
     if not callable(model_fn):
         raise TypeError(f"from_numpyro needs a NumPyro model function, got {model_fn!r}")

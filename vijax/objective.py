@@ -1,12 +1,21 @@
-"""Objectives: Monte Carlo estimates of the negative ELBO, written for one draw and vmapped.
+"""Objectives: Monte Carlo estimates of a variational bound and a surrogate whose gradient is
+the chosen estimator's, written per draw and vmapped over ``K = num_particles`` draws.
 
-    ELBO(params) = E_q[log p~(theta)] + H[q]            (closed-form entropy H, when known)
-                 = E_q[log p~(theta) - log q(theta)]     (otherwise)
+For draws ``theta_k = g(eps_k; params)`` (continuous part reparameterised; discrete part
+``k`` drawn by inverse CDF, no pathwise gradient), ``log w_k = log p~(theta_k) -
+log q(theta_k)``:
 
-with ``theta = g(eps; params)`` reparameterised, ``p~`` the unconstrained target density
-(:mod:`vijax.target`). With ``K = num_particles`` draws the estimate is the average over the K
-draws; its gradient is an unbiased estimate of the ELBO gradient (Kingma & Welling 2014;
-Titsias & Lazaro-Gredilla 2014). The loss is what is minimised: ``neg_elbo``.
+    ELBO      = mean_k log w_k           (mean_k log p~ + H[q] with a closed-form entropy)
+    IWAE      = log mean_k w_k
+    Renyi_a   = 1/(1-a) log mean_k w_k^(1-a)
+
+The loss is ``-(value + S - stop_gradient(S))``: its value is exactly the (negative) bound
+estimate and its gradient is that of the estimator's surrogate ``S`` (:mod:`vijax.estimators`).
+Discrete guide parameters get the score-function term ``sum_k stop(f_k - b_k) log q_d(k_k)``
+with a baseline ``b_k`` (RLOO, moving average, or VIMCO's leave-one-out bounds).
+
+``loss(key, params, data, state) -> (loss, state)``; ``state`` is the estimator's own loop
+state (the moving-average baseline; ``()`` for the others).
 """
 
 from __future__ import annotations
@@ -16,51 +25,205 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import logsumexp
 
+from vijax.estimators import DReG, Score, resolve_estimator
 from vijax.guides.base import Guide, params_dtype
 
-__all__ = ["Objective", "elbo"]
+__all__ = ["Objective", "elbo", "make_objective"]
+
+sg = jax.lax.stop_gradient
 
 
 class Objective(NamedTuple):
-    """A loss to minimise. ``loss(key, params, data) -> scalar`` (e.g. the negative ELBO)."""
+    """A loss to minimise.
+
+    Attributes:
+        name: what the loss value is (``"neg_elbo"``, ``"neg_iwae_bound"``, ...).
+        loss: ``(key, params, data, state) -> (scalar loss, new state)``.
+        init_state: ``dtype -> state``, the estimator's initial loop state.
+        estimator: what was chosen, in words (recorded in the result's diagnostics).
+    """
 
     name: str
-    loss: Callable[[jax.Array, Any, Any], jax.Array]
+    loss: Callable[[jax.Array, Any, Any, Any], tuple[jax.Array, Any]]
+    init_state: Callable[[Any], Any]
+    estimator: str
+
+
+def _rloo(f: jax.Array) -> jax.Array:
+    """Leave-one-out mean of the other particles' signals, ``(K,)``."""
+    k = f.shape[0]
+    return (jnp.sum(f) - f) / (k - 1)
+
+
+def _loo_bounds(log_w: jax.Array, alpha: float) -> jax.Array:
+    """VIMCO: the bound with ``log w_k`` replaced by the mean of the others, per k ``(K,)``."""
+    k = log_w.shape[0]
+    others = (jnp.sum(log_w) - log_w) / (k - 1)
+    swapped = jnp.where(jnp.eye(k, dtype=bool), others[:, None], log_w[None, :])
+    return _bound(swapped, alpha, axis=-1)
+
+
+def _bound(log_w: jax.Array, alpha: float, axis=None) -> jax.Array:
+    k = log_w.shape[-1]
+    scale = 1.0 - alpha
+    return (logsumexp(scale * log_w, axis=axis) - jnp.log(k)) / scale
+
+
+def _ema_state(dtype):
+    return {"mean": jnp.zeros((), dtype), "count": jnp.zeros((), jnp.int32)}
+
+
+def _ema_baseline(state, decay):
+    c = state["count"].astype(state["mean"].dtype)
+    # debiased moving average; 0 before the first step (no baseline yet)
+    return jnp.where(state["count"] > 0, state["mean"] / (1.0 - decay**c), 0.0)
+
+
+def _ema_update(state, signal_mean, decay):
+    return {"mean": decay * state["mean"] + (1.0 - decay) * sg(signal_mean),
+            "count": state["count"] + 1}
+
+
+def _describe(est, continuous: bool, discrete: tuple[str, ...], discrete_baseline: str
+              ) -> str:
+    parts = {"reparam": "reparam", "auto": "reparam", "stl": "stl", "iwae": "iwae",
+             "dreg": "dreg", "renyi": f"renyi(alpha={getattr(est, 'alpha', 0)})",
+             "score": f"score({est.baseline if isinstance(est, Score) else ''})"}
+    text = parts[est.name]
+    if discrete and not isinstance(est, Score):
+        tail = (f"score function with {discrete_baseline} baseline (discrete: "
+                f"{', '.join(discrete)})")
+        text = f"{text} (continuous) + {tail}" if continuous else tail
+    return text
+
+
+def make_objective(target, guide: Guide, estimator: Any = "auto",
+                   num_particles: int = 1) -> Objective:
+    """The objective of ``estimator`` for ``guide`` on ``target`` with K particles.
+
+    Raises ``ValueError`` for combinations that are undefined: a density-free point-mass
+    guide (delta) with estimators that need ``log q``; ``rloo``/``vimco`` with ``K < 2``.
+    """
+    est = resolve_estimator(estimator)
+    k = 1 if guide.point_mass else num_particles
+    if guide.point_mass and est.name not in ("reparam", "auto", "stl"):
+        raise ValueError(f"guide {guide.name!r} is a point mass (MAP) and has no density: "
+                         f"estimator {est.name!r} needs one; use estimator='reparam'")
+    if isinstance(est, Score) and est.baseline in ("rloo", "vimco") and k < 2:
+        raise ValueError(f"the {est.baseline!r} baseline compares particles and needs "
+                         f"num_particles >= 2, got {k}; use Score(baseline='ema') for one")
+    discrete = tuple(target.discrete_names)
+    has_d = guide.n_discrete > 0
+    multi = est.multi_sample
+    alpha = getattr(est, "alpha", 0.0)
+    score_all = isinstance(est, Score)
+    if isinstance(est, Score):
+        baseline = est.baseline
+        decay = est.decay
+    else:
+        baseline = ("vimco" if multi else "rloo") if k >= 2 else "ema"
+        decay = 0.9
+    need_stl = est.name in ("stl", "dreg")
+    use_entropy = guide.entropy is not None and est.name in ("reparam", "auto", "score") \
+        and not multi
+    no_jacobian = guide.no_jacobian
+    uses_ema = baseline == "ema" and (score_all or has_d)
+
+    def particle(eps, params, data):
+        theta, log_q = guide.transform(params, eps)
+        if score_all:  # the score function: no path through the draw
+            theta = sg(theta)
+            log_q = guide.log_q(params, theta)
+        out = {"log_p": target.log_density(theta, data, no_jacobian), "log_q": log_q}
+        out["log_qd"] = (guide.discrete_log_q(params, theta) if has_d
+                         else jnp.zeros((), theta.dtype))
+        if need_stl:
+            out["log_q_stl"] = guide.log_q(sg(params), theta)
+        return out
+
+    def signals_baseline(f, state):
+        """Baselines ``(K,)`` for signals ``f`` and the new estimator state."""
+        if baseline == "rloo":
+            return _rloo(f), state
+        if baseline == "ema":
+            return jnp.broadcast_to(_ema_baseline(state, decay), f.shape), \
+                _ema_update(state, jnp.mean(f), decay)
+        return jnp.zeros_like(f), state
+
+    def loss(key, params, data, state):
+        eps = jax.random.normal(key, (k, guide.noise_dim), params_dtype(params))
+        if k == 1:
+            parts = jax.tree_util.tree_map(lambda x: x[None], particle(eps[0], params, data))
+        else:
+            parts = jax.vmap(particle, in_axes=(0, None, None))(eps, params, data)
+        log_p, log_q, log_qd = parts["log_p"], parts["log_q"], parts["log_qd"]
+
+        if multi:
+            log_w = log_p - log_q
+            value = _bound(sg(log_w), alpha)
+            if isinstance(est, DReG):
+                w2 = jax.nn.softmax(sg(log_w)) ** 2
+                surrogate = jnp.sum(w2 * (log_p - parts["log_q_stl"]))
+            elif score_all:  # Score(baseline="vimco"): everything by the score function
+                surrogate = jnp.zeros((), log_p.dtype)
+            else:
+                surrogate = _bound(log_w, alpha)
+            score_logq = log_q if score_all else log_qd
+            if score_all or has_d:
+                if k >= 2:
+                    # VIMCO: per-sample signal L - L_{-k}, minus the weight term that the
+                    # pathwise gradient of log w already carries (or, for the score function,
+                    # that -d log q / d params stands for)
+                    w = jax.nn.softmax((1.0 - alpha) * sg(log_w))
+                    signal = value - _loo_bounds(sg(log_w), alpha)
+                    coef = signal - w if (score_all or isinstance(est, DReG)) else signal
+                    surrogate = surrogate + jnp.sum(sg(coef) * score_logq)
+                else:  # K = 1: the bound is the ELBO; moving-average baseline
+                    f = sg(log_p - log_q)
+                    b, state = signals_baseline(f, state)
+                    surrogate = surrogate + jnp.sum(sg(f - b) * score_logq)
+                    if isinstance(est, DReG) or score_all:
+                        surrogate = surrogate - jnp.sum(score_logq)
+        else:
+            if score_all:
+                f = sg(log_p) if use_entropy else sg(log_p - log_q)
+                b, state = signals_baseline(f, state)
+                surrogate = jnp.mean(sg(f - b) * log_q)
+                if use_entropy:
+                    h = guide.entropy(params)
+                    surrogate = surrogate + h
+                    value = jnp.mean(sg(log_p)) + sg(h)
+                else:
+                    value = jnp.mean(sg(log_p - log_q))
+            else:
+                log_qc = (parts["log_q_stl"] - sg(log_qd)) if need_stl else log_q - log_qd
+                h_d = guide.discrete_entropy(params) if has_d else jnp.zeros((), log_p.dtype)
+                if use_entropy:
+                    h_c = guide.entropy(params) - h_d
+                    cont = jnp.mean(log_p) + h_c
+                else:
+                    cont = jnp.mean(log_p - log_qc)
+                surrogate = cont + h_d
+                value = sg(surrogate)
+                if has_d:
+                    f = sg(log_p)
+                    b, state = signals_baseline(f, state)
+                    surrogate = surrogate + jnp.mean(sg(f - b) * log_qd)
+        return -(value + surrogate - sg(surrogate)), state
+
+    def init_state(dtype):
+        return _ema_state(dtype) if uses_ema else ()
+
+    if multi:
+        name = "neg_iwae_bound" if alpha == 0.0 else "neg_renyi_bound"
+    else:
+        name = "neg_log_joint" if guide.point_mass else "neg_elbo"
+    return Objective(name, loss, init_state,
+                     _describe(est, target.dim > 0, discrete, baseline if has_d else ""))
 
 
 def elbo(target, guide: Guide, num_particles: int = 1) -> Objective:
-    """Reparameterised negative ELBO with ``num_particles`` draws vectorised by ``vmap``.
-
-    Args:
-        target: the :class:`vijax.target.Target` (its ``log_density(theta, data)``).
-        guide: the guide functions.
-        num_particles: K, the number of draws averaged per estimate.
-
-    Returns:
-        ``Objective("neg_elbo", loss)`` with ``loss(key, params, data) -> scalar``
-        (``"neg_log_joint"`` for point-mass guides, where it is ``-log p~(loc)``).
-    """
-    no_jacobian = guide.no_jacobian
-    use_entropy = guide.entropy is not None
-
-    def one_draw(eps, params, data):
-        theta, log_q = guide.transform(params, eps)
-        log_p = target.log_density(theta, data, no_jacobian)
-        return log_p if use_entropy else log_p - log_q
-
-    def loss(key, params, data):
-        k = 1 if guide.point_mass else num_particles
-        # the noise of all particles in one draw: (K, noise_dim)
-        eps = jax.random.normal(key, (k, guide.noise_dim), params_dtype(params))
-        if k == 1:
-            terms = one_draw(eps[0], params, data)[None]
-        else:
-            terms = jax.vmap(one_draw, in_axes=(0, None, None))(eps, params, data)
-        value = jnp.mean(terms)
-        if use_entropy:
-            value = value + guide.entropy(params)
-        return -value
-
-    # With a point mass the "ELBO" is log p(loc): name the loss for what it is.
-    return Objective("neg_log_joint" if guide.point_mass else "neg_elbo", loss)
+    """Reparameterised negative ELBO (``make_objective(..., "reparam", ...)``)."""
+    return make_objective(target, guide, "reparam", num_particles)

@@ -17,7 +17,10 @@ __all__ = ["FitResult", "Diagnostics", "Summary"]
 
 
 class Diagnostics(NamedTuple):
-    """What the fit did. ``final_loss`` is the mean loss over the last 10% of steps."""
+    """What the fit did. ``final_loss`` is the mean loss over the last 10% of steps;
+    ``objective`` names the loss (``"neg_elbo"``, ``"neg_iwae_bound"``, ...) and
+    ``estimator`` the gradient estimator chosen (e.g. ``"reparam (continuous) + score
+    function with rloo baseline (discrete: z)"``)."""
 
     n_steps: int
     n_nonfinite_skipped: int
@@ -25,6 +28,7 @@ class Diagnostics(NamedTuple):
     objective: str
     num_particles: int
     final_loss: float
+    estimator: str = "reparam"
 
 
 @functools.lru_cache(maxsize=128)
@@ -145,13 +149,16 @@ class FitResult:
         if self.guide.mean is None:  # flows: no closed-form mean
             draws = self.sample(jax.random.key(0) if key is None else key, n)
             return {k: jnp.mean(v, axis=0) for k, v in draws.items()}
-        exact = self.target.unravel(self.guide.mean(self.params))
+        loc = self.guide.mean(self.params)
+        exact = self.target.unravel(loc)
         need_mc = [b for b in self.target.blocks if not b.is_identity]
         draws = self.sample(jax.random.key(0) if key is None else key, n) if need_mc else {}
         out = {}
         for b in self.target.blocks:
             out[b.name] = (exact[b.name].reshape(b.shape) if b.is_identity
                            else jnp.mean(draws[b.name], axis=0))
+        for b in self.target.discrete:  # E[low + k] from the categorical probabilities
+            out[b.name] = (b.low + loc[b.offset:b.offset + b.size]).reshape(b.shape)
         return out
 
     def summary(self, key: jax.Array | None = None, n: int = 4000,

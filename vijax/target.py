@@ -7,6 +7,13 @@ ravelled into one vector ``theta`` of length ``dim``, the target density is
 
 the density of ``theta`` whose push-forward is the posterior. Event-shaped transforms (simplex,
 Cholesky factors, ...) change the number of elements: ``theta`` holds the unconstrained ones.
+
+**Discrete latents** (finite supports: ``constraints.boolean``, ``integer_interval(a, b)``)
+have no bijection. Their elements follow the continuous ones in the vector, as category
+indices ``k = value - low`` in ``[0, num_values)`` stored as (exact, small) floats:
+``theta = (theta_continuous (dim,), k (n_discrete,))`` of length ``full_dim``. The density
+of ``k`` is the model's probability mass (no Jacobian). Models without discrete latents have
+``full_dim == dim``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import numpy as np
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import IdentityTransform, Transform, biject_to
 
-__all__ = ["Target", "LatentBlock"]
+__all__ = ["Target", "LatentBlock", "DiscreteBlock", "MAX_NUM_VALUES"]
+
+# largest number of values of a discrete latent's element (its guide holds one logit per value)
+MAX_NUM_VALUES = 4096
 
 
 class LatentBlock:
@@ -46,13 +56,52 @@ class LatentBlock:
                 f"unconstrained_shape={self.unconstrained_shape}, offset={self.offset})")
 
 
+class DiscreteBlock:
+    """Layout of one discrete latent: its elements are ``theta[offset:offset + size]``, each a
+    category index ``k`` in ``[0, num_values)`` for the value ``low + k``."""
+
+    __slots__ = ("name", "shape", "support", "low", "num_values", "offset", "size")
+
+    def __init__(self, name, shape, support, low, num_values, offset):
+        self.name = name
+        self.shape = shape
+        self.support = support
+        self.low = low
+        self.num_values = num_values
+        self.offset = offset
+        self.size = math.prod(shape)
+
+    def __repr__(self) -> str:
+        return (f"DiscreteBlock({self.name!r}, shape={self.shape}, values {self.low}.."
+                f"{self.low + self.num_values - 1}, offset={self.offset})")
+
+
+def _finite_range(name: str, support: constraints.Constraint) -> tuple[int, int]:
+    """``(low, num_values)`` of a finite discrete support; errors name the latent."""
+    if isinstance(support, type(constraints.boolean)):
+        return 0, 2
+    if isinstance(support, type(constraints.integer_interval(0, 1))):
+        lo, hi = support.lower_bound, support.upper_bound
+        if np.ndim(lo) or np.ndim(hi) or isinstance(lo, jax.core.Tracer) or \
+                isinstance(hi, jax.core.Tracer):
+            raise ValueError(f"discrete latent {name!r}: integer_interval bounds must be "
+                             f"scalars (the same range for every element), got {support}")
+        lo, hi = int(lo), int(hi)
+        if hi < lo:
+            raise ValueError(f"discrete latent {name!r}: empty support {support}")
+        if hi - lo + 1 > MAX_NUM_VALUES:
+            raise ValueError(f"discrete latent {name!r} has {hi - lo + 1} values per element; "
+                             f"the categorical guide supports at most {MAX_NUM_VALUES}: "
+                             "marginalise it or model it as continuous")
+        return lo, hi - lo + 1
+    raise ValueError(f"latent {name!r} has a discrete support ({support}) that is not finite "
+                     "or not elementwise; vijax fits discrete latents with constraints.boolean "
+                     "or constraints.integer_interval(a, b) supports: marginalise this one "
+                     "out of the log joint or bound it")
+
+
 def _make_transform(name: str, shape: tuple[int, ...], support: constraints.Constraint
                     ) -> tuple[Transform, tuple[int, ...]]:
-    if support.is_discrete:
-        raise ValueError(
-            f"latent {name!r} has a discrete support ({support}); discrete latents are not "
-            "supported yet: marginalise them out of the log joint"
-        )
     try:
         transform = biject_to(support)
     except NotImplementedError:
@@ -85,54 +134,93 @@ class Target:
     """Flat unconstrained parameterisation of a model (hashable by identity: a compile-cache key).
 
     Attributes:
-        blocks: one :class:`LatentBlock` per latent, in declaration order.
-        dim: length of the unconstrained vector ``theta``.
+        blocks: one :class:`LatentBlock` per continuous latent, in declaration order.
+        dim: length of the continuous (unconstrained) part of ``theta``.
         log_joint: ``(z, data) -> scalar`` on constrained values.
+        discrete: one :class:`DiscreteBlock` per discrete latent (after the continuous part).
     """
 
     blocks: tuple[LatentBlock, ...]
     dim: int
     log_joint: Callable[[dict, Any], Any]
+    discrete: tuple[DiscreteBlock, ...] = ()
 
     @classmethod
     def from_model(cls, model) -> Target:
         blocks, offset = [], 0
+        finite = []
         for name, lat in model.latents.items():
+            if lat.support.is_discrete:
+                finite.append((name, lat, *_finite_range(name, lat.support)))
+                continue
             transform, unc_shape = _make_transform(name, lat.shape, lat.support)
             block = LatentBlock(name, lat.shape, unc_shape, transform, offset, lat.support)
             blocks.append(block)
             offset += block.size
-        return cls(tuple(blocks), offset, model.log_density)
+        dim, discrete = offset, []
+        for name, lat, low, num_values in finite:
+            discrete.append(DiscreteBlock(name, lat.shape, lat.support, low, num_values, offset))
+            offset += discrete[-1].size
+        return cls(tuple(blocks), dim, model.log_density, tuple(discrete))
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Names of the continuous latents (those with a block in the continuous part)."""
         return tuple(b.name for b in self.blocks)
 
-    def block(self, name: str) -> LatentBlock:
-        for b in self.blocks:
+    @property
+    def discrete_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.discrete)
+
+    @property
+    def all_names(self) -> tuple[str, ...]:
+        return self.names + self.discrete_names
+
+    @property
+    def n_discrete(self) -> int:
+        """Number of discrete elements (the tail of ``theta``)."""
+        return sum(b.size for b in self.discrete)
+
+    @property
+    def full_dim(self) -> int:
+        """Length of ``theta``: ``dim + n_discrete``."""
+        return self.dim + self.n_discrete
+
+    def block(self, name: str) -> LatentBlock | DiscreteBlock:
+        for b in self.blocks + self.discrete:
             if b.name == name:
                 return b
-        raise KeyError(f"unknown latent {name!r}; the model's latents are {list(self.names)}")
+        raise KeyError(f"unknown latent {name!r}; the model's latents are "
+                       f"{list(self.all_names)}")
 
     # --- single-draw maps (vmap at the boundary) -------------------------------------------
     def unravel(self, theta: jax.Array) -> dict[str, jax.Array]:
-        """``theta`` (dim,) -> dict of unconstrained blocks of ``unconstrained_shape``."""
+        """``theta`` (full_dim,) -> dict of unconstrained blocks of ``unconstrained_shape``
+        (continuous latents only)."""
         return {b.name: theta[b.offset:b.offset + b.size].reshape(b.unconstrained_shape)
                 for b in self.blocks}
 
+    def discrete_values(self, theta: jax.Array) -> dict[str, jax.Array]:
+        """The discrete latents' values (int32, declared shapes) from ``theta``'s tail."""
+        return {b.name: (jnp.round(theta[b.offset:b.offset + b.size]).astype(jnp.int32)
+                         + b.low).reshape(b.shape)
+                for b in self.discrete}
+
     def constrain(self, theta: jax.Array) -> dict[str, jax.Array]:
-        """``theta`` (dim,) -> dict of constrained latent values (declared shapes)."""
-        return {b.name: b.transform(u) for b, u in zip(self.blocks, self.unravel(theta).values(),
-                                                       strict=True)}
+        """``theta`` (full_dim,) -> dict of constrained latent values (declared shapes)."""
+        z = {b.name: b.transform(u) for b, u in zip(self.blocks, self.unravel(theta).values(),
+                                                    strict=True)}
+        return {**z, **self.discrete_values(theta)}
 
     def constrain_with_log_det(self, theta: jax.Array) -> tuple[dict, dict]:
-        """Constrained values and, per latent, the scalar ``log|det J_T(u)|``."""
+        """Constrained values and, per continuous latent, the scalar ``log|det J_T(u)|``."""
         z, log_det = {}, {}
         for b, u in zip(self.blocks, self.unravel(theta).values(), strict=True):
             x = b.transform(u)
             z[b.name] = x
             log_det[b.name] = (jnp.zeros((), theta.dtype) if b.is_identity
                                else jnp.sum(b.transform.log_abs_det_jacobian(u, x)))
+        z.update(self.discrete_values(theta))
         return z, log_det
 
     def log_density(self, theta: jax.Array, data: Any,
@@ -150,21 +238,23 @@ class Target:
         return lp
 
     def unconstrain(self, z: Mapping[str, Any], dtype) -> jax.Array:
-        """Inverse of :meth:`constrain` for a full dict of constrained values -> (dim,)."""
+        """Inverse of :meth:`constrain` for a full dict of constrained values -> (full_dim,)."""
         parts = []
         for b in self.blocks:
             x = jnp.asarray(z[b.name], dtype)
             parts.append(jnp.ravel(b.transform.inv(x)))
+        for b in self.discrete:
+            parts.append(jnp.ravel(jnp.asarray(z[b.name]) - b.low).astype(dtype))
         return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
 
     def check_values(self, z: Mapping[str, Any]) -> None:
         """Validate constrained values (names, shapes, support); errors name the latent."""
         if not isinstance(z, Mapping):
             raise TypeError(f"expected a dict from latent name to value, got {type(z)}")
-        unknown = sorted(set(z) - set(self.names))
+        unknown = sorted(set(z) - set(self.all_names))
         if unknown:
             raise ValueError(f"unknown latent name(s) {unknown}; the model's latents are "
-                             f"{list(self.names)}")
+                             f"{list(self.all_names)}")
         for name, value in z.items():
             b = self.block(name)
             v = np.asarray(value)
@@ -173,6 +263,8 @@ class Target:
                                  f"declared shape is {b.shape}")
             if not np.all(np.isfinite(v)):
                 raise ValueError(f"latent {name!r}: value is not finite: {v}")
+            if isinstance(b, DiscreteBlock) and not np.all(v == np.round(v)):
+                raise ValueError(f"discrete latent {name!r}: value {v} is not integer-valued")
             ok = np.asarray(b.support.check(jnp.asarray(v)))
             if not np.all(ok):
                 raise ValueError(f"latent {name!r}: value {v} lies outside its support "

@@ -37,6 +37,12 @@ class Guide(NamedTuple):
         no_jacobian: latents whose log-Jacobian the objective omits (point masses: their
             optimum is then the mode of the constrained density, as MAP means).
         point_mass: whether q is a point mass everywhere (draws are all equal).
+        n_discrete: number of discrete elements at the end of ``theta`` (category indices,
+            see :mod:`vijax.target`); 0 for models without discrete latents.
+        discrete_log_q: ``(params, theta) -> scalar`` log mass of ``theta``'s discrete part
+            alone (``None`` when ``n_discrete == 0``); estimators build their
+            score-function term from it.
+        discrete_entropy: ``params -> scalar`` entropy of the discrete part alone.
     """
 
     name: str
@@ -50,6 +56,9 @@ class Guide(NamedTuple):
     mean: Callable[[Any], jax.Array] | None
     no_jacobian: frozenset = frozenset()
     point_mass: bool = False
+    n_discrete: int = 0
+    discrete_log_q: Callable[[Any, jax.Array], jax.Array] | None = None
+    discrete_entropy: Callable[[Any], jax.Array] | None = None
 
 
 def params_dtype(params) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 from vijax.guides.base import Guide
 from vijax.guides.coupling import RealNVP, Spline
 from vijax.guides.delta import Delta
+from vijax.guides.discrete import with_discrete
 from vijax.guides.fullrank import FullRank
 from vijax.guides.iaf import IAF
 from vijax.guides.lowrank import LowRank
@@ -54,7 +55,15 @@ def resolve_spec(guide: Any):
 
 
 def build_guide(spec, target) -> Guide:
-    """Build the Guide functions for ``target`` from a resolved spec."""
+    """Build the Guide functions for ``target`` from a resolved spec (the spec covers the
+    continuous latents; discrete ones get independent categoricals, see
+    :mod:`vijax.guides.discrete`)."""
     if isinstance(spec, Structured):
-        return spec.build_for(target)
-    return spec.build(target.dim, target.names)
+        named = {n for names, _ in spec.blocks for n in names} & set(target.discrete_names)
+        if named:
+            raise ValueError(f"discrete latent(s) {sorted(named)} get a categorical guide "
+                             "automatically; leave them out of the guide dict")
+        guide = spec.build_for(target)
+    else:
+        guide = spec.build(target.dim, target.names)
+    return with_discrete(guide, target) if target.discrete else guide
