@@ -27,13 +27,20 @@ comparison with the long-run NUTS reference posterior (posteriordb
 are comparable: both are ``-E_q[log p(y, z)] + E_q[log q(z)]`` for the same marginal likelihood
 ``p(y)``, so the lower one is the better approximation in KL divergence.
 
-Run: ``python examples/eight_schools.py [--steps 5000] [--guide lowrank] [--seed 0]``.
+With matplotlib installed (``pip install -e ".[examples]"``) each fit's loss trace and
+marginals are saved as ``eight_schools_centred.png`` and ``eight_schools_non-centred.png`` in
+``--plot-dir`` (default ``out/``).
+
+Run: ``python examples/eight_schools.py [--steps 5000] [--guide lowrank] [--seed 0]
+[--plot-dir out]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -90,7 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         help="variational family",
     )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
+    parser.add_argument(
+        "--plot-dir", default="out", help="where to save the plots (PNG); '' for none"
+    )
     args = parser.parse_args(argv)
+    plot_dir = Path(args.plot_dir) if args.plot_dir else None
+    if plot_dir is not None and importlib.util.find_spec("matplotlib") is None:
+        print('(no plots: matplotlib is not installed; pip install "vijax[plot]")')
+        plot_dir = None
 
     data = load_eight_schools()
     # A point mass has no entropy: with guide="delta" the loss is -log p(y, z) at the MAP point.
@@ -125,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
         print(_comparison(draws))
         frac_small = float(np.mean(draws["tau"] < 1.0))
         print(f"P(tau < 1) under q: {frac_small:.2f} (ref {REFERENCE_P_TAU_BELOW_1:.2f})")
+        if plot_dir is not None:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            path = plot_dir / f"eight_schools_{title}.png"
+            res.plot(key=key_draw, n=4000, path=path)
+            print(f"plot: {path}")
 
 
 if __name__ == "__main__":

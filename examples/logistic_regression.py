@@ -22,13 +22,21 @@ held-out accuracy of the posterior predictive mean
 
 computed with numpy, with scikit-learn's penalised maximum-likelihood fit for reference.
 
-Run: ``python examples/logistic_regression.py [--steps 5000] [--seed 0] [--show 5]``.
+With matplotlib installed (``pip install -e ".[examples]"``) each fit's loss trace and the
+marginals of the intercept and the first coefficients are saved as
+``logistic_regression_fullrank.png`` and ``logistic_regression_meanfield.png`` in
+``--plot-dir`` (default ``out/``).
+
+Run: ``python examples/logistic_regression.py [--steps 5000] [--seed 0] [--show 5]
+[--plot-dir out]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -101,7 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5000, help="optimisation steps per fit")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for the fits")
     parser.add_argument("--show", type=int, default=5, help="coefficients to print")
+    parser.add_argument(
+        "--plot-dir", default="out", help="where to save the plots (PNG); '' for none"
+    )
     args = parser.parse_args(argv)
+    plot_dir = Path(args.plot_dir) if args.plot_dir else None
+    if plot_dir is not None and importlib.util.find_spec("matplotlib") is None:
+        print('(no plots: matplotlib is not installed; pip install "vijax[plot]")')
+        plot_dir = None
     show = min(max(args.show, 0), N_FEATURES)
 
     train, test, names = load_split()
@@ -128,6 +143,11 @@ def main(argv: list[str] | None = None) -> None:
             f"held-out accuracy of the posterior predictive mean: "
             f"{predictive_accuracy(draws, test):.4f}"
         )
+        if plot_dir is not None:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            path = plot_dir / f"logistic_regression_{guide}.png"
+            res.plot(key=key_draw, n=4000, path=path)
+            print(f"plot: {path}")
 
     ratio = np.median(sds["meanfield"] / sds["fullrank"])
     print(f"\nmedian posterior sd of w, mean-field / full-rank: {ratio:.2f}")

@@ -59,5 +59,6 @@ def test_non_finite_steps_are_skipped_and_counted():
 
 def test_optimizer_producing_nan_fails_loudly():
     m = vj.Model(lambda z, d: -0.5 * z["mu"] ** 2, {"mu": vj.Latent()})
-    with pytest.raises(FloatingPointError, match=r"latents \['mu'\].*step size"):
+    with pytest.raises(FloatingPointError, match=r"non-finite parameters for latents \['mu'\]"
+                       r".*step size"):
         vj.fit(m, guide="delta", steps=10, optimizer=optax.sgd(float("nan")))

@@ -5,10 +5,13 @@ ELBO is optimised by any Optax optimizer inside one compiled loop.
 """
 
 from vijax import datasets, estimators, guides
-from vijax.fit import fit, prepare_data
+from vijax.convergence import Convergence
+from vijax.fit import NonFiniteError, fit, prepare_data
+from vijax.io import load
 from vijax.model import Latent, Model, model
 from vijax.numpyro_adapter import from_numpyro
 from vijax.optim import default_optimizer
+from vijax.predictive import predictive
 from vijax.psis import PSISResult, psis
 from vijax.result import Diagnostics, FitResult, Summary
 
@@ -17,5 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Latent", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics", "Summary",
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
+    "load", "predictive", "Convergence", "NonFiniteError",
     "__version__",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -14,15 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vijax.convergence import Convergence, ConvState, converged_params, resolve_convergence
 from vijax.estimators import resolve_estimator
 from vijax.guides.resolve import build_guide, resolve_spec
-from vijax.loop import init_state, make_chunk_runner
+from vijax.loop import FitState, init_state, make_chunk_runner, stopped
 from vijax.model import Model
 from vijax.objective import make_objective
 from vijax.optim import default_optimizer
-from vijax.result import Diagnostics, FitResult
+from vijax.psis import MIN_DRAWS, psis
+from vijax.result import Diagnostics, FitResult, _weighted_sampler
 
-__all__ = ["fit", "prepare_data", "check_data"]
+__all__ = ["fit", "prepare_data", "check_data", "NonFiniteError"]
 
 MAX_INIT_TRIES = 100
 DEFAULT_CHUNK = 500
@@ -155,10 +158,10 @@ def _check_float(out, fname: str) -> None:
 # compiled pieces, cached on hashable configuration (one program per configuration)
 @functools.lru_cache(maxsize=128)
 def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int,
-              estimator="auto"):
+              estimator="auto", rule: Convergence | None = None):
     guide = build_guide(spec, target)
     objective = make_objective(target, guide, estimator, num_particles)
-    runner = make_chunk_runner(objective, optimizer, chunk_len)
+    runner = make_chunk_runner(objective, optimizer, chunk_len, rule)
     find = _init_finder(target, guide.no_jacobian)
 
     @jax.jit  # everything before the first step is one compiled program
@@ -166,11 +169,12 @@ def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int,
         k_init, k_guide, k_loop = jax.random.split(key, 3)
         tries, theta, ok = find(k_init, data, fixed, mask)
         state = init_state(guide.init(k_guide, theta), optimizer,
-                           objective.init_state(theta.dtype))
+                           objective.init_state(theta.dtype), rule)
         return tries, theta, ok, state, k_loop
 
     restart = jax.jit(lambda params: init_state(  # warm starts
-        params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype)))
+        params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
+        rule))
     return guide, objective, runner, start, restart
 
 
@@ -183,19 +187,19 @@ def _source_loc(source: FitResult) -> np.ndarray:
     return np.asarray(jnp.mean(draws, axis=0))
 
 
-def _check_source(target, source: Any, dtype) -> None:
+def _check_source(target, source: Any, dtype, what: str = "init_from") -> None:
     if not isinstance(source, FitResult):
-        raise TypeError(f"init_from must be a vj.FitResult, got {type(source)}")
+        raise TypeError(f"{what} must be a vj.FitResult, got {type(source)}")
     mine = [(b.name, b.unconstrained_shape) for b in target.blocks] + [
         (b.name, b.shape, b.low, b.num_values) for b in target.discrete]
     theirs = [(b.name, b.unconstrained_shape) for b in source.target.blocks] + [
         (b.name, b.shape, b.low, b.num_values) for b in source.target.discrete]
     if mine != theirs:
-        raise ValueError(f"init_from: the fitted result's latents {theirs} do not match the "
+        raise ValueError(f"{what}: the fitted result's latents {theirs} do not match the "
                          f"model's latents {mine}")
     got = jax.tree_util.tree_leaves(source.params)[0].dtype
     if got != dtype:
-        raise ValueError(f"init_from: the fitted result is {got}, this fit is {dtype}")
+        raise ValueError(f"{what}: the fitted result is {got}, this fit is {dtype}")
 
 
 def _same_family(a, b) -> bool:
@@ -333,27 +337,207 @@ def _final_loss(losses: np.ndarray) -> float:
     return float(tail.mean()) if tail.size else float("nan")
 
 
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps had a non-finite loss, gradient or update.
+
+    Attributes:
+        step: the last (skipped) step, 0-based.
+        latents: names of the latents whose draws, constrained values or log-density
+            gradients were not finite at that step (may be empty: see the message).
+        result: a :class:`vijax.FitResult` holding the last finite state (parameters,
+            optimizer state, losses so far): nothing is lost, it can be inspected or resumed.
+    """
+
+    def __init__(self, message: str, step: int, latents: list[str], result: FitResult):
+        super().__init__(message)
+        self.step = step
+        self.latents = latents
+        self.result = result
+
+
+def _nonfinite_error(target, guide, objective, optimizer, state: FitState, data, k_loop,
+                     limit: int, last: FitResult, num_particles: int) -> NonFiniteError:
+    """Re-run the last skipped step from the last finite state and say what went wrong."""
+    step = int(state.step) - 1
+    key = jax.random.fold_in(k_loop, step)
+
+    @jax.jit
+    def probe(params, est_state):
+        (loss, _), grads = jax.value_and_grad(objective.loss, argnums=1, has_aux=True)(
+            key, params, data, est_state)
+        updates, _ = optimizer.update(grads, state.opt_state, params)
+        new = optax.apply_updates(params, updates)
+        # the step's own draws (the objective draws (K, noise_dim) normals from this key)
+        eps = jax.random.normal(key, (num_particles, guide.noise_dim),
+                                jax.tree_util.tree_leaves(params)[0].dtype)
+
+        def one(e):
+            theta, _ = guide.transform(params, e)
+            lp, g = jax.value_and_grad(target.log_density)(theta, data, guide.no_jacobian)
+            return theta, target.constrain(theta), lp, g
+
+        return (loss, grads, new, *jax.vmap(one)(eps))
+
+    loss, grads, new, theta, z, lp, g = probe(state.params, state.est_state)
+    theta, g, lp = np.asarray(theta), np.asarray(g), np.asarray(lp)
+
+    def finite(tree) -> bool:
+        return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+
+    bad = [b.name for b in target.blocks
+           if not (np.all(np.isfinite(theta[:, b.offset:b.offset + b.size]))
+                   and np.all(np.isfinite(np.asarray(z[b.name])))
+                   and np.all(np.isfinite(g[:, b.offset:b.offset + b.size])))]
+    if not np.isfinite(float(loss)) or not finite(grads):
+        what = (f"the loss was {float(loss)}" if not np.isfinite(float(loss)) else
+                "the gradient was not finite")
+        if bad:
+            where = f"; non-finite values or log-density gradients at latent(s) {bad}"
+        elif not np.all(np.isfinite(lp)):
+            i = int(np.argmin(np.isfinite(lp)))
+            bad = _implicated(target, guide, state.params, theta[i], data, last.init_point)
+            where = (f"; the log density was {lp[i]} at {target.describe(theta[i])}" + (
+                f", finite again when latent(s) {bad} alone go back to the guide's centre or "
+                "the initial point"
+                if bad else ""))
+        else:
+            where = "; the draws and the log density were finite: check the guide's parameters"
+    elif not finite(new):
+        if guide.mean is not None:
+            loc = np.asarray(guide.mean(new))
+            bad = [b.name for b in target.blocks
+                   if not np.all(np.isfinite(loc[b.offset:b.offset + b.size]))]
+        what = "the optimizer produced non-finite parameters" + (
+            f" for latents {bad}" if bad else "")
+        where = " from finite gradients (check its step size)"
+    else:
+        what, where = "the step was not finite", ""
+    head = (f"{limit} consecutive steps were not finite" if limit else
+            f"every one of the {step + 1} steps was not finite and nothing was fitted")
+    msg = (f"{head} (last at step {step}): {what}{where}. "
+           "The error's .result holds the last finite state (vj.fit(..., resume=err.result) "
+           "continues from it)")
+    return NonFiniteError(msg, step, bad, last)
+
+
+def _implicated(target, guide, params, theta, data, init_point) -> list[str]:
+    """Latents whose block alone, moved back to the guide's centre or else to the initial
+    point, makes the log density finite again at ``theta`` (the culprits of a non-finite log
+    density)."""
+    refs = [np.asarray(init_point)]
+    if guide.mean is not None:
+        refs.insert(0, np.asarray(guide.mean(params)))
+    log_density = jax.jit(target.log_density)
+    out = []
+    for b in target.blocks:
+        for ref in refs:
+            moved = np.array(theta)
+            moved[b.offset:b.offset + b.size] = ref[b.offset:b.offset + b.size]
+            if np.isfinite(float(log_density(jnp.asarray(moved), data))):
+                out.append(b.name)
+                break
+    return out
+
+
+def _skipped_before(res: FitResult | None) -> int:
+    return 0 if res is None else int(res.state.n_nonfinite)
+
+
+def _resumable_state(res: FitResult, rule) -> FitState:
+    """The result's loop state with its stop flags cleared (and the rule's state fitted)."""
+    state = res.state
+    if rule is None:
+        conv = ()
+    elif isinstance(state.conv, ConvState):
+        conv = state.conv._replace(converged=jnp.array(False), streak=jnp.int32(0))
+    else:
+        conv = init_state(state.params, optax.identity(), (), rule).conv
+    return state._replace(failed=jnp.array(False), n_consecutive=jnp.int32(0), conv=conv)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, done, losses):
+        pass
+
+
+class _Bar(_NoBar):
+    """tqdm bar updated once per chunk: steps, mean loss of the chunk, steps/s."""
+
+    def __init__(self, steps: int, name: str):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=steps, unit="step", leave=False, dynamic_ncols=True)
+        self._name = name
+        self._done = 0
+
+    def __exit__(self, *exc):
+        self._bar.close()
+        return False
+
+    def update(self, done, losses):
+        x = np.asarray(losses)
+        x = x[np.isfinite(x)]
+        if x.size:
+            self._bar.set_postfix({self._name: f"{x.mean():.4g}"}, refresh=False)
+        self._bar.update(done - self._done)
+        self._done = done
+
+
+def _progress_bar(progress: bool | None, steps: int, name: str):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return _Bar(steps, name) if progress else _NoBar()
+
+
+def _psis_check(target, guide, params, key, n: int, data):
+    """``(k_hat, ess, reading, n)`` of PSIS on ``n`` draws of q, or ``None`` when off."""
+    if n == 0:
+        return None
+    if guide.point_mass:
+        return float("nan"), float("nan"), "not applicable (point mass)", 0
+    _, lw = _weighted_sampler(target, guide, n)(jax.random.fold_in(key, 0x5151), params, data)
+    lw = np.asarray(lw, np.float64)
+    if not np.any(np.isfinite(lw)):
+        return float("inf"), 1.0, "unreliable (no draw has a finite log density)", n
+    res = psis(np.where(np.isfinite(lw), lw, -np.inf))
+    return float(res.k_hat), float(res.ess), res.reading, n
+
+
 # ---------------------------------------------------------------------------------------------
-def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int = 2000,
+def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
         optimizer: optax.GradientTransformation | None = None, key: Any = None,
         num_particles: int | None = None, init: Mapping[str, Any] | None = None,
         average: float = 0.5, chunk_size: int = DEFAULT_CHUNK, dtype: Any = None,
-        init_from: FitResult | None = None, estimator: Any = "auto") -> FitResult:
+        init_from: FitResult | None = None, estimator: Any = None,
+        convergence: Any = "auto", max_consecutive_nonfinite: int = 100,
+        progress: bool | None = None, resume: FitResult | None = None,
+        psis_draws: int = 1000) -> FitResult:
     """Fit a variational approximation q to the posterior of ``model`` given ``data``.
 
-    Maximises the ELBO ``E_q[log p(x, z)] - E_q[log q(z)]`` over the guide's parameters in
-    the unconstrained space of the latents, with reparameterised Monte Carlo gradients and any
-    Optax optimizer, ``chunk_size`` steps per compiled ``lax.scan`` call. The returned
-    parameters are the average of the iterates over the last ``average`` fraction of steps
-    (Dhaka et al. 2020), which removes most of the noise of the last iterate.
+    Maximises the ELBO ``E_q[log p(x, z)] - E_q[log q(z)]`` (or the estimator's bound) over
+    the guide's parameters in the unconstrained space of the latents, with Monte Carlo
+    gradients and any Optax optimizer, ``chunk_size`` steps per compiled ``lax.scan`` call,
+    until the stopping rule says the loss no longer decreases (:mod:`vijax.convergence`) or
+    ``steps`` steps have run. The returned parameters are an average of late iterates
+    (Dhaka et al. 2020): over the last two blocks of the stopping rule when it stopped the
+    fit, else over the last ``average`` fraction of steps. Every fit ends with a PSIS check
+    of q against the model (``res.diagnostics.k_hat``).
 
     Args:
         model: a :class:`vijax.Model` (``vj.model`` decorator, ``vj.Model``, ``vj.from_numpyro``).
         data: data pytree passed to the model; ``None`` uses the data bound to the model.
-        guide: ``"delta"``, ``"meanfield"``, ``"lowrank"``, ``"fullrank"``, a configured object
-            (``vj.guides.LowRank(rank=5)``), or a dict from latent name (or tuple of names) to
-            either, for a structured guide of independent blocks.
-        steps: number of optimisation steps (>= 1).
+        guide: ``"delta"``, ``"meanfield"`` (default), ``"lowrank"``, ``"fullrank"``,
+            ``"iaf"``, ``"spline"``, ``"realnvp"``, a configured object
+            (``vj.guides.LowRank(rank=5)``), or a dict from latent name (or tuple of names)
+            to either, for a structured guide of independent blocks.
+        steps: the maximum number of optimisation steps (>= 1); exactly this many with
+            ``convergence=None``.
         optimizer: an Optax ``GradientTransformation``; default :func:`default_optimizer` with
             the guide's ``default_learning_rate`` (0.05 Gaussian families, 0.01 IAF, 0.003
             coupling flows).
@@ -363,23 +547,43 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
             gets a leave-one-out baseline).
         init: optional dict of *constrained* initial values for some or all latents; the rest
             start uniform in (-2, 2) in unconstrained space, redrawn until the log joint is finite.
-        average: fraction of final steps whose iterates are averaged, in [0, 1); 0 returns the
-            last iterate.
-        chunk_size: steps per compiled call (>= 1).
+        average: fraction of final steps whose iterates are averaged when the fit runs to
+            ``steps``, in [0, 1); 0 returns the last iterate.
+        chunk_size: steps per compiled call (>= 1); the host looks at the loop (stopping,
+            progress) once per chunk.
         dtype: float32 or float64 (needs ``jax_enable_x64``); default JAX's default float.
         init_from: a fitted result of the same model to warm-start from: the same guide
             continues from its parameters; a flow whose base is the fitted family starts as
             exactly that fit (its layers start as the identity); any other guide is centred on
             the fitted guide's mean.
         estimator: the gradient estimator and bound (:mod:`vijax.estimators`): ``"auto"``
-            (reparameterised ELBO; score function with a baseline for discrete latents),
-            ``"reparam"``, ``"stl"``, ``"iwae"``, ``"dreg"``, ``"renyi"``, ``"score"`` or a
-            configured object (``vj.estimators.Renyi(alpha=0.5)``). The choice is recorded
-            in ``res.diagnostics.estimator`` and the bound in ``res.diagnostics.objective``.
+            (default: reparameterised ELBO; score function with a baseline for discrete
+            latents), ``"reparam"``, ``"stl"``, ``"iwae"``, ``"dreg"``, ``"renyi"``,
+            ``"score"`` or a configured object (``vj.estimators.Renyi(alpha=0.5)``). The
+            choice is recorded in ``res.diagnostics.estimator``, the bound in
+            ``res.diagnostics.objective``.
+        convergence: ``"auto"`` (``vj.Convergence()``), a configured ``vj.Convergence(...)``,
+            or ``None`` to run exactly ``steps`` steps.
+        max_consecutive_nonfinite: a step whose loss, gradient or updated parameters are not
+            finite is skipped (parameters and optimizer state unchanged, counted); after this
+            many consecutive skipped steps the fit raises :class:`NonFiniteError`, which names
+            the step and the latents involved and carries the last finite result.
+        progress: show a progress bar (step, loss, steps/s; updated once per chunk);
+            ``None``: only when stderr is a terminal.
+        resume: a result to continue: its guide, estimator, optimizer (and state), particles
+            and PRNG stream are reused and ``steps`` more steps run; with ``convergence=None``,
+            ``k`` then ``m`` resumed steps give bitwise the parameters and optimizer state of
+            ``k + m`` uninterrupted steps (on CPU). ``guide``, ``estimator``, ``optimizer``,
+            ``num_particles``, ``init``, ``init_from`` must be left unset.
+        psis_draws: draws of q for the PSIS diagnostic at the end (0 turns it off).
 
     Returns:
-        A :class:`vijax.FitResult`; ``res.losses`` has shape ``(steps,)``: the value being
-        minimised (negative ELBO, or the negative bound of the estimator).
+        A :class:`vijax.FitResult`; ``res.losses`` has shape ``(n_steps,)`` (all steps run,
+        including those of a resumed result): the value being minimised (negative ELBO, or
+        the negative bound of the estimator).
+
+    Raises:
+        NonFiniteError: ``max_consecutive_nonfinite`` consecutive steps were not finite.
 
     Example:
         >>> import jax, numpyro.distributions as dist, vijax as vj
@@ -387,7 +591,7 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
         ... def m(z, y):
         ...     lp = dist.Normal(0, 10).log_prob(z["mu"])
         ...     return lp + dist.Normal(z["mu"], 1).log_prob(y).sum()
-        >>> res = vj.fit(m, jax.numpy.ones(5), steps=300, key=jax.random.key(0))
+        >>> res = vj.fit(m, jax.numpy.ones(5), steps=300, convergence=None, progress=False)
         >>> res.losses.shape
         (300,)
     """
@@ -395,62 +599,120 @@ def fit(model: Model, data: Any = None, *, guide: Any = "meanfield", steps: int 
         raise TypeError(f"model must be a vj.Model (use @vj.model, vj.Model or vj.from_numpyro), "
                         f"got {type(model)}")
     steps = _check_int("steps", steps)
-    estimator = resolve_estimator(estimator)
-    if num_particles is None:
-        num_particles = 8 if model.target.discrete else 1
-    num_particles = _check_int("num_particles", num_particles)
     chunk_size = _check_int("chunk_size", chunk_size)
+    max_consecutive = _check_int("max_consecutive_nonfinite", max_consecutive_nonfinite)
+    psis_draws = _check_int("psis_draws", psis_draws, minimum=0)
+    if 0 < psis_draws < MIN_DRAWS:
+        raise ValueError(f"psis_draws must be 0 (off) or >= {MIN_DRAWS}, got {psis_draws}")
     if not isinstance(average, int | float) or not 0.0 <= average < 1.0:
         raise ValueError(f"average must be a fraction in [0, 1), got {average!r}")
-    spec = resolve_spec(guide)
-    if optimizer is None:
-        optimizer = default_optimizer(getattr(spec, "default_learning_rate", 0.05))
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    rule = resolve_convergence(convergence)
+    target = model.target
+    if resume is not None:
+        given = [name for name, v in (("guide", guide), ("estimator", estimator),
+                                      ("optimizer", optimizer), ("num_particles", num_particles),
+                                      ("init", init), ("init_from", init_from))
+                 if v is not None]
+        if given:
+            raise ValueError(f"resume continues the result's own fit: leave {given} unset")
+        if not isinstance(resume, FitResult) or resume.state is None:
+            raise TypeError(f"resume must be a vj.FitResult from vj.fit or vj.load, got "
+                            f"{type(resume)}")
+        _check_source(target, resume, jax.tree_util.tree_leaves(resume.params)[0].dtype,
+                      what="resume")
+        spec, estimator, optimizer = resume.guide_spec, resume.estimator, resume.optimizer
+        num_particles = resume.diagnostics.num_particles
+        dtype = jax.tree_util.tree_leaves(resume.params)[0].dtype
+    else:
+        spec = resolve_spec("meanfield" if guide is None else guide)
+        estimator = resolve_estimator("auto" if estimator is None else estimator)
+        if num_particles is None:
+            num_particles = 8 if target.discrete else 1
+        if optimizer is None:
+            optimizer = default_optimizer(getattr(spec, "default_learning_rate", 0.05))
+    num_particles = _check_int("num_particles", num_particles)
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
     dtype = _resolve_dtype(dtype)
-    target = model.target
     data = check_data(model.data if data is None else data, dtype)
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, data, dtype)
-    guide_fns, objective, runner, start, restart = _pipeline(target, spec, num_particles,
-                                                             optimizer, chunk_len, estimator)
+    guide_fns, objective, runner, start, restart = _pipeline(
+        target, spec, num_particles, optimizer, chunk_len, estimator, rule)
     key = _check_key(key)
-    if init_from is not None:
-        if init is not None:
-            raise ValueError("give init or init_from, not both")
-        _check_source(target, init_from, dtype)
-        fixed, mask = _source_loc(init_from).astype(dtype), np.ones((target.full_dim,), bool)
-        fixed[target.dim:] = np.round(fixed[target.dim:])  # discrete: nearest index
-    else:
-        fixed, mask = _fixed_init(target, init, dtype)
     data = jax.tree_util.tree_map(jnp.asarray, data)
 
     t0 = time.perf_counter()
-    tries, theta0, ok, state, k_loop = start(key, data, fixed, mask)
-    _check_init_found(target, tries, theta0, ok, mask)
-    if init_from is not None:
-        warm = _warm_params(spec, state.params, init_from)
-        if warm is not None:
-            state = restart(warm)
-    total = jnp.asarray(steps, jnp.int32)
-    avg_start = jnp.asarray(steps - math.floor(average * steps), jnp.int32)
+    if resume is not None:
+        state, k_loop, theta0 = _resumable_state(resume, rule), resume.loop_key, \
+            resume.init_point
+        previous = np.asarray(resume.losses)
+    else:
+        if init_from is not None:
+            if init is not None:
+                raise ValueError("give init or init_from, not both")
+            _check_source(target, init_from, dtype)
+            fixed = _source_loc(init_from).astype(dtype)
+            fixed[target.dim:] = np.round(fixed[target.dim:])  # discrete: nearest index
+            mask = np.ones((target.full_dim,), bool)
+        else:
+            fixed, mask = _fixed_init(target, init, dtype)
+        tries, theta0, ok, state, k_loop = start(key, data, fixed, mask)
+        _check_init_found(target, tries, theta0, ok, mask)
+        if init_from is not None:
+            warm = _warm_params(spec, state.params, init_from)
+            if warm is not None:
+                state = restart(warm)
+        previous = np.zeros((0,), dtype)
+
+    begin = int(state.step)
+    total = jnp.asarray(begin + steps, jnp.int32)
+    avg_start = jnp.asarray(begin + steps - math.floor(average * steps), jnp.int32)
+    first_chunk_end = jnp.asarray(begin + chunk_len, jnp.int32)
+    limit = jnp.asarray(max_consecutive, jnp.int32)
     chunks = []
-    for _ in range(math.ceil(steps / chunk_len)):
-        state, losses = runner(state, data, k_loop, total, avg_start)
-        chunks.append(losses)
-    losses = np.concatenate([np.asarray(c) for c in chunks])[:steps]
+    with _progress_bar(progress, steps, objective.name) as bar:
+        for _ in range(math.ceil(steps / chunk_len)):
+            state, losses = runner(state, data, k_loop, total, avg_start, first_chunk_end,
+                                   limit)
+            chunks.append(losses)
+            done = int(state.step) - begin
+            bar.update(done, losses)
+            if bool(stopped(state)):
+                break
+    n_run = int(state.step) - begin
+    losses = np.concatenate([previous] + [np.asarray(c) for c in chunks])[:begin + n_run]
     wall = time.perf_counter() - t0
 
-    n_skipped = int(state.n_nonfinite)
-    if n_skipped == steps:
-        raise FloatingPointError(f"every one of the {steps} steps had a non-finite loss or "
-                                 "gradient; nothing was fitted. Check the model's log joint "
-                                 f"near the initial point {target.describe(theta0)}")
-    _check_finite_params(target, guide_fns, state, steps)
-    diagnostics = Diagnostics(n_steps=steps, n_nonfinite_skipped=n_skipped, wall_time=wall,
-                              objective=objective.name, num_particles=num_particles,
-                              estimator=objective.estimator,
-                              final_loss=_final_loss(losses))
-    return FitResult(model=model, guide=guide_fns, guide_spec=spec, params=state.avg_params,
+    converged = isinstance(state.conv, ConvState) and bool(state.conv.converged)
+    params = converged_params(state.conv) if converged else state.avg_params
+    if bool(state.failed) or int(state.n_nonfinite) - _skipped_before(resume) == n_run:
+        last = _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
+                         theta0, k_loop, estimator, num_particles, wall, begin + steps,
+                         "failed", None)
+        raise _nonfinite_error(target, guide_fns, objective, optimizer, state, data, k_loop,
+                               max_consecutive if bool(state.failed) else 0, last,
+                               1 if guide_fns.point_mass else num_particles)
+    _check_finite_params(target, guide_fns, state, n_run)
+    check = _psis_check(target, guide_fns, params, key, psis_draws, data)
+    return _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
+                     theta0, k_loop, estimator, num_particles, wall, begin + steps,
+                     "converged" if converged else "max_steps", check)
+
+
+def _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer, theta0,
+              k_loop, estimator, num_particles, wall, max_steps, reason, check) -> FitResult:
+    k_hat, ess, reading, draws = (float("nan"), float("nan"), "not computed", 0) \
+        if check is None else check
+    diagnostics = Diagnostics(
+        n_steps=int(state.step), n_nonfinite_skipped=int(state.n_nonfinite), wall_time=wall,
+        objective=objective.name, num_particles=num_particles, final_loss=_final_loss(losses),
+        estimator=objective.estimator, converged=reason == "converged", stop_reason=reason,
+        max_steps=int(max_steps), k_hat=k_hat, ess=ess, k_hat_reading=reading,
+        psis_draws=draws)
+    return FitResult(model=model, guide=guide_fns, guide_spec=spec, params=params,
                      last_params=state.params, opt_state=state.opt_state, losses=losses,
-                     diagnostics=diagnostics, optimizer=optimizer, init_point=theta0)
+                     diagnostics=diagnostics, optimizer=optimizer, init_point=theta0,
+                     state=state, loop_key=k_loop, estimator=estimator)

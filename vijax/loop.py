@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vijax.convergence import Convergence, ConvState, init_conv_state, update_conv_state
 from vijax.objective import Objective
 
-__all__ = ["FitState", "init_state", "make_chunk_runner"]
+__all__ = ["FitState", "init_state", "make_chunk_runner", "stopped"]
 
 
 class FitState(NamedTuple):
@@ -37,12 +38,24 @@ class FitState(NamedTuple):
     step: jax.Array  # int32 scalar
     n_nonfinite: jax.Array  # int32 scalar: steps skipped for a non-finite loss or gradient
     est_state: Any = ()  # the estimator's own state (e.g. a moving-average baseline)
+    n_consecutive: Any = None  # int32: current run of consecutive skipped steps
+    failed: Any = None  # bool: the run of skipped steps reached the limit; the loop stopped
+    conv: Any = ()  # vijax.convergence.ConvState, or () without a stopping rule
 
 
-def init_state(params, optimizer: optax.GradientTransformation, est_state: Any = ()
-               ) -> FitState:
+def init_state(params, optimizer: optax.GradientTransformation, est_state: Any = (),
+               rule: Convergence | None = None) -> FitState:
     zero = jnp.zeros((), jnp.int32)
-    return FitState(params, optimizer.init(params), params, zero, zero, est_state)
+    conv = () if rule is None else init_conv_state(
+        params, jax.tree_util.tree_leaves(params)[0].dtype)
+    return FitState(params, optimizer.init(params), params, zero, zero, est_state, zero,
+                    jnp.array(False), conv)
+
+
+def stopped(state: FitState) -> jax.Array:
+    """Whether the loop has stopped early (converged or failed)."""
+    conv = state.conv.converged if isinstance(state.conv, ConvState) else jnp.array(False)
+    return state.failed | conv
 
 
 def _all_finite(tree) -> jax.Array:
@@ -50,18 +63,22 @@ def _all_finite(tree) -> jax.Array:
     return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
 
 
-def _step(objective, optimizer, data, key, total_steps, avg_start, state: FitState):
-    active = state.step < total_steps
+def _step(objective, optimizer, rule, data, key, total_steps, avg_start, first_chunk_end,
+          max_consecutive, state: FitState):
+    active = (state.step < total_steps) & ~stopped(state)
     (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1, has_aux=True)(
         jax.random.fold_in(key, state.step), state.params, data, state.est_state)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
-    ok = active & finite
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # a step is skipped when its loss or gradient is not finite, or when the optimizer turns
+    # them into non-finite parameters (e.g. a NaN step size)
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+    ok = active & finite
 
     # Selects, not lax.cond: they fuse with the update into one pass over each array, and on
     # an accelerator a cond costs a device-to-host copy of its predicate every step. A
-    # skipped step (non-finite, or past the budget) keeps params and optimizer state bitwise.
+    # skipped step (non-finite, past the budget, or after stopping) keeps params and
+    # optimizer state bitwise.
     def keep(new, old):
         return jnp.where(ok, new, old)
 
@@ -77,23 +94,35 @@ def _step(objective, optimizer, data, key, total_steps, avg_start, state: FitSta
         return jnp.where(active, jnp.where(averaging, a + (p - a) / n, p), a)
 
     avg = jax.tree_util.tree_map(average, state.avg_params, params)
+    skipped = active & ~finite
+    n_consecutive = jnp.where(active, jnp.where(finite, 0, state.n_consecutive + 1),
+                              state.n_consecutive)
+    failed = state.failed | (active & (n_consecutive >= max_consecutive))
+    conv = state.conv
+    if rule is not None:
+        conv = update_conv_state(rule, conv, jnp.where(ok, loss, jnp.nan), params,
+                                 state.step, first_chunk_end, active)
     new = FitState(params, opt_state, avg, state.step + active.astype(jnp.int32),
-                   state.n_nonfinite + (active & ~finite).astype(jnp.int32), est_state)
+                   state.n_nonfinite + skipped.astype(jnp.int32), est_state, n_consecutive,
+                   failed, conv)
     return new, jnp.where(active, loss, jnp.nan)
 
 
 @functools.lru_cache(maxsize=128)
 def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformation,
-                      chunk_len: int):
-    """Jitted ``run(state, data, key, total_steps, avg_start) -> (state, losses (chunk_len,))``.
+                      chunk_len: int, rule: Convergence | None = None):
+    """Jitted ``run(state, data, key, total_steps, avg_start, first_chunk_end,
+    max_consecutive) -> (state, losses (chunk_len,))``.
 
     Cached on its (hashable) arguments: one compiled program per configuration. Steps past
-    ``total_steps`` change nothing and their losses are NaN; the host trims them.
+    ``total_steps``, after convergence or after ``max_consecutive`` consecutive skipped steps
+    change nothing and their losses are NaN; the host trims them.
     """
 
-    def run(state, data, key, total_steps, avg_start):
+    def run(state, data, key, total_steps, avg_start, first_chunk_end, max_consecutive):
         def body(state, _):
-            return _step(objective, optimizer, data, key, total_steps, avg_start, state)
+            return _step(objective, optimizer, rule, data, key, total_steps, avg_start,
+                         first_chunk_end, max_consecutive, state)
 
         return jax.lax.scan(body, state, None, length=chunk_len)
 
@@ -101,5 +130,3 @@ def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformat
     return jax.jit(run, donate_argnums=donate)
 
 
-def _loss_dtype(state: FitState):
-    return jax.tree_util.tree_leaves(state.params)[0].dtype

@@ -17,7 +17,11 @@ __all__ = ["FitResult", "Diagnostics", "Summary"]
 
 
 class Diagnostics(NamedTuple):
-    """What the fit did. ``final_loss`` is the mean loss over the last 10% of steps;
+    """What the fit did. ``n_steps`` steps ran out of at most ``max_steps``;
+    ``converged``/``stop_reason`` (``"converged"``, ``"max_steps"``) say why it stopped;
+    ``k_hat``, ``ess`` and ``k_hat_reading`` are PSIS on ``psis_draws`` draws of q (Yao et
+    al. 2018: k-hat < 0.5 good, < 0.7 usable, else unreliable; NaN when not computed);
+    ``final_loss`` is the mean loss over the last 10% of steps;
     ``objective`` names the loss (``"neg_elbo"``, ``"neg_iwae_bound"``, ...) and
     ``estimator`` the gradient estimator chosen (e.g. ``"reparam (continuous) + score
     function with rloo baseline (discrete: z)"``)."""
@@ -29,6 +33,13 @@ class Diagnostics(NamedTuple):
     num_particles: int
     final_loss: float
     estimator: str = "reparam"
+    converged: bool = False
+    stop_reason: str = "max_steps"
+    max_steps: int = 0
+    k_hat: float = float("nan")
+    ess: float = float("nan")
+    k_hat_reading: str = "not computed"
+    psis_draws: int = 0
 
 
 @functools.lru_cache(maxsize=128)
@@ -40,6 +51,19 @@ def _sampler(target, guide: Guide):
         return target.constrain(theta)
 
     return jax.jit(jax.vmap(draw, in_axes=(0, None)))
+
+
+@functools.lru_cache(maxsize=64)
+def _weighted_sampler(target, guide: Guide, n: int):
+    """Jitted ``(key, params, data) -> (constrained draws (n, ...), log weights (n,))`` with
+    ``log w = log p~(theta) - log q(theta)`` for PSIS."""
+
+    def one(key, params, data):
+        theta, log_q = guide.sample(key, params)
+        return target.constrain(theta), target.log_density(theta, data) - log_q
+
+    return jax.jit(lambda key, params, data: jax.vmap(one, in_axes=(0, None, None))(
+        jax.random.split(key, n), params, data))
 
 
 _QUANTILES = (0.05, 0.5, 0.95)
@@ -89,6 +113,12 @@ class Summary(Mapping):
     __repr__ = __str__
 
 
+def _check_n(n: Any, low: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < low:
+        raise ValueError(f"n must be an int >= {low}, got {n!r}")
+    return int(n)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FitResult:
     """The outcome of :func:`vijax.fit`.
@@ -102,7 +132,11 @@ class FitResult:
         losses: ``(steps,)`` numpy array, the loss (negative ELBO) at every step.
         diagnostics: :class:`Diagnostics`.
         optimizer: the Optax transformation used.
-        init_point: ``(dim,)`` unconstrained point the guide was centred on at the start.
+        init_point: ``(full_dim,)`` unconstrained point the guide was centred on at the start.
+        state: the loop's final :class:`vijax.loop.FitState` (parameters, optimizer and
+            estimator state, step count): what ``resume`` continues from.
+        loop_key: the PRNG key the per-step keys are folded from (``fold_in(loop_key, step)``).
+        estimator: the estimator configuration object used (:mod:`vijax.estimators`).
     """
 
     model: Any
@@ -115,6 +149,9 @@ class FitResult:
     diagnostics: Diagnostics
     optimizer: Any
     init_point: Any
+    state: Any = None
+    loop_key: Any = None
+    estimator: Any = None
 
     @property
     def target(self):
@@ -190,3 +227,62 @@ class FitResult:
             stats[name] = {"mean": d.mean(0), "sd": d.std(0, ddof=1) if n > 1 else
                            np.zeros(d.shape[1:]), "q05": q[0], "q50": q[1], "q95": q[2]}
         return Summary(stats, int(n))
+
+    # --- PSIS ----------------------------------------------------------------------------------
+    def psis(self, key: jax.Array | None = None, n: int = 4000, data: Any = None):
+        """Draws of q with their Pareto-smoothed importance weights.
+
+        Returns ``(draws, result)``: a dict of ``(n, *shape)`` constrained draws and a
+        :class:`vijax.PSISResult` (``log_weights (n,)`` normalised, ``k_hat``, ``ess``,
+        ``reading``). ``data`` defaults to the model's bound data.
+        """
+        from vijax.psis import psis
+
+        n = _check_n(n, 10)
+        if self.guide.point_mass:
+            raise ValueError("PSIS needs a guide with a density; this guide is a point mass")
+        data = self.model.data if data is None else data
+        data = jax.tree_util.tree_map(jnp.asarray, data)
+        draws, lw = _weighted_sampler(self.target, self.guide, n)(
+            jax.random.key(0) if key is None else key, self.params, data)
+        lw = np.asarray(lw, np.float64)
+        return draws, psis(np.where(np.isfinite(lw), lw, -np.inf))
+
+    def psis_mean(self, key: jax.Array | None = None, n: int = 4000, data: Any = None
+                  ) -> dict[str, np.ndarray]:
+        """PSIS-corrected posterior mean of every latent: ``sum_s w_s z_s`` over n draws of q
+        (trust it when ``k_hat < 0.7``)."""
+        draws, res = self.psis(key, n, data)
+        w = np.exp(res.log_weights)
+        return {k: np.tensordot(w, np.asarray(v, np.float64), axes=1) for k, v in draws.items()}
+
+    def psis_resample(self, key: jax.Array | None = None, n: int = 1000, pool: int = 4000,
+                      data: Any = None) -> dict[str, np.ndarray]:
+        """``n`` draws resampled (with replacement) from ``pool`` draws of q with their PSIS
+        weights: approximate posterior draws that correct q where ``k_hat < 0.7``."""
+        n = _check_n(n, 1)
+        key = jax.random.key(0) if key is None else key
+        k_draw, k_pick = jax.random.split(key)
+        draws, res = self.psis(k_draw, pool, data)
+        idx = np.asarray(jax.random.choice(k_pick, pool, (n,), p=jnp.exp(jnp.asarray(
+            res.log_weights))))
+        return {k: np.asarray(v)[idx] for k, v in draws.items()}
+
+    # --- workflow: checkpoints, ArviZ, plots (implemented in their own modules) -------------
+    def save(self, path) -> None:
+        """Write this result to ``path`` without pickle (see :func:`vijax.io.save`)."""
+        from vijax.io import save
+
+        save(self, path)
+
+    def to_arviz(self, key: jax.Array | None = None, n: int = 1000):
+        """Draws of q as ArviZ data (see :func:`vijax.arviz_export.to_arviz`)."""
+        from vijax.arviz_export import to_arviz
+
+        return to_arviz(self, key=key, n=n)
+
+    def plot(self, **kwargs):
+        """The loss trace and posterior marginals (see :func:`vijax.plots.plot`)."""
+        from vijax.plots import plot
+
+        return plot(self, **kwargs)
