@@ -8,6 +8,7 @@ from vijax import datasets, estimators, guides
 from vijax.convergence import Convergence
 from vijax.fit import NonFiniteError, fit, prepare_data
 from vijax.io import load
+from vijax.many import FitManyResult, fit_many
 from vijax.model import Latent, Model, model
 from vijax.numpyro_adapter import from_numpyro
 from vijax.optim import default_optimizer
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Latent", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics", "Summary",
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
-    "load", "predictive", "Convergence", "NonFiniteError",
+    "load", "predictive", "Convergence", "NonFiniteError", "fit_many", "FitManyResult",
     "__version__",
 ]

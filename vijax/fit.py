@@ -17,6 +17,8 @@ import optax
 
 from vijax.convergence import Convergence, ConvState, converged_params, resolve_convergence
 from vijax.estimators import resolve_estimator
+from vijax.guides.ladder import Ladder
+from vijax.guides.laplace import Laplace
 from vijax.guides.resolve import build_guide, resolve_spec
 from vijax.loop import FitState, init_state, make_chunk_runner, stopped
 from vijax.model import Model
@@ -533,7 +535,11 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
         model: a :class:`vijax.Model` (``vj.model`` decorator, ``vj.Model``, ``vj.from_numpyro``).
         data: data pytree passed to the model; ``None`` uses the data bound to the model.
         guide: ``"delta"``, ``"meanfield"`` (default), ``"lowrank"``, ``"fullrank"``,
-            ``"iaf"``, ``"spline"``, ``"realnvp"``, a configured object
+            ``"iaf"``, ``"spline"``, ``"realnvp"``, ``"laplace"`` (MAP, then the Gaussian
+            with the inverse Hessian at the mode: :mod:`vijax.guides.laplace`), ``"auto"``
+            (the ladder delta -> laplace -> meanfield -> lowrank -> fullrank -> iaf, stopping
+            at the first rung with PSIS k-hat < 0.7: :mod:`vijax.guides.ladder`), a
+            configured object
             (``vj.guides.LowRank(rank=5)``), or a dict from latent name (or tuple of names)
             to either, for a structured guide of independent blocks.
         steps: the maximum number of optimisation steps (>= 1); exactly this many with
@@ -617,9 +623,12 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
                  if v is not None]
         if given:
             raise ValueError(f"resume continues the result's own fit: leave {given} unset")
-        if not isinstance(resume, FitResult) or resume.state is None:
+        if not isinstance(resume, FitResult):
             raise TypeError(f"resume must be a vj.FitResult from vj.fit or vj.load, got "
                             f"{type(resume)}")
+        if resume.state is None:
+            raise ValueError(f"this result ({resume.guide.name}) has no loop state to "
+                             "continue (a Laplace fit is not an optimisation run); refit it")
         _check_source(target, resume, jax.tree_util.tree_leaves(resume.params)[0].dtype,
                       what="resume")
         spec, estimator, optimizer = resume.guide_spec, resume.estimator, resume.optimizer
@@ -627,6 +636,15 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
         dtype = jax.tree_util.tree_leaves(resume.params)[0].dtype
     else:
         spec = resolve_spec("meanfield" if guide is None else guide)
+        if isinstance(spec, Laplace | Ladder):  # several fits: see vijax.stages
+            from vijax.stages import fit_staged
+
+            return fit_staged(spec, model, data, dict(
+                steps=steps, optimizer=optimizer, key=key, num_particles=num_particles,
+                init=init, average=average, chunk_size=chunk_size, dtype=dtype,
+                init_from=init_from, estimator=estimator, convergence=convergence,
+                max_consecutive_nonfinite=max_consecutive_nonfinite, progress=progress,
+                psis_draws=psis_draws))
         estimator = resolve_estimator("auto" if estimator is None else estimator)
         if num_particles is None:
             num_particles = 8 if target.discrete else 1

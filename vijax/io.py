@@ -78,8 +78,7 @@ _STATE_RULES = (None, Convergence())
 # ---------------------------------------------------------------------------------------------
 # configuration objects <-> tagged JSON
 def _config_classes() -> dict[str, type]:
-    classes = [_guides.Delta, _guides.MeanField, _guides.LowRank, _guides.FullRank,
-               _guides.IAF, _guides.Spline, _guides.RealNVP, _guides.Structured,
+    classes = [*_guides.GUIDE_NAMES.values(), _guides.Structured,
                *_estimators.ESTIMATOR_NAMES.values()]
     registry = {c.__name__: c for c in classes}
     assert len(registry) == len(classes), "configuration class names must be unique"

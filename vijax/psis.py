@@ -49,6 +49,10 @@ MIN_DRAWS = 10
 MIN_TAIL = 5
 """Tails shorter than this are not fitted: ``k_hat = inf``, no smoothing (as loo does)."""
 
+FLAT_SPREAD = 1e-4
+"""Log weights whose range is below this are equal up to rounding (every weight within 0.01%
+of the others, e.g. float32 ratios of a guide that equals the target): ``k_hat = -inf``."""
+
 _PRIOR_SHAPE = 0.5  # centre of the weakly informative prior on k
 _PRIOR_WEIGHT = 10.0  # its weight, in pseudo-observations
 _ZS_PRIOR = 3.0  # Zhang & Stephens' constant in the grid of theta
@@ -120,8 +124,9 @@ def psis(log_weights: Any) -> PSISResult:
 
     * ``M < MIN_TAIL`` (``S <= 20``, or fewer than 6 non-zero weights): the tail is too short
       for the fit; ``k_hat = inf`` (reading "unreliable") and the weights are only normalised.
-    * The ``M + 1`` largest weights are equal (e.g. all weights equal): the tail has no spread,
-      there is nothing to smooth; ``k_hat = -inf`` (reading "good").
+    * The ``M + 1`` largest weights are equal, or all weights are equal up to rounding (their
+      log range is below :data:`FLAT_SPREAD`, e.g. float32 ratios of a guide equal to the
+      target): there is nothing to smooth; ``k_hat = -inf`` (reading "good").
     * Over a quarter of the tail tied with the threshold (discrete weights, e.g. one weight far
       above many equal ones): the Zhang-Stephens fit is undefined; ``k_hat = inf`` (reading
       "unreliable", as in loo) and the weights are only normalised. This is
@@ -167,7 +172,10 @@ def psis(log_weights: Any) -> PSISResult:
 
     lw = lw - lw.max()  # largest weight 1: nothing overflows below
     tail_len = min(math.ceil(min(0.2 * n_draws, 3.0 * math.sqrt(n_draws))), n_pos - 1)
-    if tail_len < MIN_TAIL:
+    finite = lw[np.isfinite(lw)]
+    if n_pos == n_draws and float(finite.max() - finite.min()) < FLAT_SPREAD:
+        k_hat = -math.inf  # equal weights up to rounding (q is the target): nothing to smooth
+    elif tail_len < MIN_TAIL:
         k_hat = math.inf
     else:
         lw, k_hat = _smooth_tail(lw, tail_len)

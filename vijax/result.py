@@ -21,7 +21,9 @@ class Diagnostics(NamedTuple):
     ``converged``/``stop_reason`` (``"converged"``, ``"max_steps"``) say why it stopped;
     ``k_hat``, ``ess`` and ``k_hat_reading`` are PSIS on ``psis_draws`` draws of q (Yao et
     al. 2018: k-hat < 0.5 good, < 0.7 usable, else unreliable; NaN when not computed);
-    ``final_loss`` is the mean loss over the last 10% of steps;
+    ``final_loss`` is the mean loss over the last 10% of steps; with ``guide="auto"``,
+    ``ladder`` holds one ``(rung, final_loss, k_hat, wall_time)`` per rung fitted and
+    ``rung`` the one chosen;
     ``objective`` names the loss (``"neg_elbo"``, ``"neg_iwae_bound"``, ...) and
     ``estimator`` the gradient estimator chosen (e.g. ``"reparam (continuous) + score
     function with rloo baseline (discrete: z)"``)."""
@@ -40,6 +42,8 @@ class Diagnostics(NamedTuple):
     ess: float = float("nan")
     k_hat_reading: str = "not computed"
     psis_draws: int = 0
+    ladder: tuple = ()
+    rung: str = ""
 
 
 @functools.lru_cache(maxsize=128)

@@ -5,11 +5,14 @@ from vijax.guides.coupling import RealNVP, Spline
 from vijax.guides.delta import Delta
 from vijax.guides.fullrank import FullRank
 from vijax.guides.iaf import IAF
+from vijax.guides.ladder import Ladder
+from vijax.guides.laplace import Laplace
 from vijax.guides.lowrank import LowRank
 from vijax.guides.meanfield import MeanField
 from vijax.guides.resolve import GUIDE_NAMES, build_guide, resolve_spec
 from vijax.guides.structured import Structured
 
 __all__ = ["Guide", "Delta", "MeanField", "LowRank", "FullRank", "IAF", "Spline", "RealNVP",
+           "Laplace", "Ladder",
            "Structured", "GUIDE_NAMES",
            "build_guide", "resolve_spec", "softplus", "softplus_inverse"]

@@ -18,6 +18,8 @@ class Delta:
     The objective maximises the log joint *without* the log-Jacobian of the latents it
     covers, so the optimum is the mode of the posterior density of the constrained values
     (the usual MAP, as NumPyro's ``AutoDelta``), not of their unconstrained images.
+    ``Delta(jacobian=True)`` keeps the log-Jacobian: the mode of the unconstrained density
+    (the first stage of :class:`vijax.guides.Laplace`).
 
     Example:
         >>> import vijax as vj
@@ -25,6 +27,7 @@ class Delta:
         'delta'
     """
 
+    jacobian: bool = False
     name = "delta"
     default_learning_rate = 0.05
 
@@ -44,5 +47,7 @@ class Delta:
         def entropy(params):
             return jnp.zeros((), params["loc"].dtype)
 
+        # jacobian=True maximises the unconstrained density instead (the Laplace stage)
+        no_jacobian = frozenset() if self.jacobian else frozenset(names)
         return make_guide("delta", dim, 0, init, transform, log_q, entropy,
-                          lambda p: p["loc"], frozenset(names), point_mass=True)
+                          lambda p: p["loc"], no_jacobian, point_mass=True)

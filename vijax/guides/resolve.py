@@ -11,6 +11,8 @@ from vijax.guides.delta import Delta
 from vijax.guides.discrete import with_discrete
 from vijax.guides.fullrank import FullRank
 from vijax.guides.iaf import IAF
+from vijax.guides.ladder import Ladder
+from vijax.guides.laplace import Laplace
 from vijax.guides.lowrank import LowRank
 from vijax.guides.meanfield import MeanField
 from vijax.guides.structured import Structured
@@ -18,7 +20,8 @@ from vijax.guides.structured import Structured
 __all__ = ["GUIDE_NAMES", "resolve_spec", "build_guide"]
 
 GUIDE_NAMES = {"delta": Delta, "meanfield": MeanField, "lowrank": LowRank,
-               "fullrank": FullRank, "iaf": IAF, "spline": Spline, "realnvp": RealNVP}
+               "fullrank": FullRank, "iaf": IAF, "spline": Spline, "realnvp": RealNVP,
+               "laplace": Laplace}
 
 
 def _family(spec: Any, where: str):
@@ -37,7 +40,12 @@ def _family(spec: Any, where: str):
 
 
 def resolve_spec(guide: Any):
-    """A hashable guide specification (compile-cache key) from a name, object or dict."""
+    """A hashable guide specification (compile-cache key) from a name, object or dict
+    (``"auto"``: the :class:`Ladder`)."""
+    if isinstance(guide, str) and guide == "auto":
+        return Ladder()
+    if isinstance(guide, Ladder):
+        return guide
     if isinstance(guide, Structured):
         return guide
     if isinstance(guide, Mapping):
@@ -49,7 +57,11 @@ def resolve_spec(guide: Any):
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"structured guide keys must be latent names or tuples of "
                                  f"them, got {key!r}")
-            blocks.append((names, _family(spec, f" for latent(s) {list(names)}")))
+            family = _family(spec, f" for latent(s) {list(names)}")
+            if isinstance(family, Laplace | Ladder):
+                raise ValueError(f"guide {family.name!r} applies to the whole model, not to a "
+                                 f"block (latent(s) {list(names)})")
+            blocks.append((names, family))
         return Structured(*blocks)
     return _family(guide, "")
 

@@ -1,0 +1,365 @@
+"""Many fits as one program: ``vj.fit_many`` vmaps the whole fit (initialisation, compiled loop,
+stopping rule, PSIS check) over lanes.
+
+A lane is one fit: its own PRNG key and, optionally, its own slice of the data (a batch of
+datasets of equal shapes, or hyper-parameters passed as batched data). Every lane carries its
+own loop state, so each has its own stopping rule and non-finite guard: a lane that has
+converged or failed keeps its state (its steps change nothing) while the others go on, and the
+program ends when every lane is done. Lane ``i`` computes exactly what ``vj.fit`` computes with
+lane ``i``'s key and data (up to floating-point differences of the batched kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vijax.convergence import ConvState, converged_params, resolve_convergence
+from vijax.estimators import resolve_estimator
+from vijax.fit import (
+    DEFAULT_CHUNK,
+    _check_int,
+    _check_log_joint,
+    _final_loss,
+    _fixed_init,
+    _pipeline,
+    _progress_bar,
+    _resolve_dtype,
+    check_data,
+)
+from vijax.guides.resolve import resolve_spec
+from vijax.loop import stopped
+from vijax.model import Model
+from vijax.optim import default_optimizer
+from vijax.psis import MIN_DRAWS, psis
+from vijax.result import Diagnostics, FitResult, _weighted_sampler
+
+__all__ = ["fit_many", "FitManyResult"]
+
+
+def _lane_keys(keys: Any) -> jax.Array:
+    """``(L,)`` typed PRNG keys from an int L, a sequence of int seeds, or a key array."""
+    if isinstance(keys, int | np.integer) and not isinstance(keys, bool):
+        if keys < 1:
+            raise ValueError(f"keys as a lane count must be >= 1, got {keys}")
+        return jax.random.split(jax.random.key(0), int(keys))
+    if isinstance(keys, jax.Array) and jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        if keys.ndim != 1 or keys.shape[0] < 1:
+            raise ValueError(f"keys must be a (L,) array of PRNG keys, got shape {keys.shape}")
+        return keys
+    if isinstance(keys, Sequence) and keys and all(
+            isinstance(k, int | np.integer) and not isinstance(k, bool) for k in keys):
+        return jnp.stack([jax.random.key(int(k)) for k in keys])
+    raise TypeError("keys must be a lane count (int), a list of int seeds or a (L,) array of "
+                    f"PRNG keys (jax.random.split(key, L)), got {keys!r}")
+
+
+def _axes_key(axes):
+    leaves, treedef = jax.tree_util.tree_flatten(axes, is_leaf=lambda x: x is None)
+    return tuple(leaves), treedef
+
+
+def _lanes_of(data, axes) -> int | None:
+    """The common leading size of the batched data leaves (``None`` if nothing is batched)."""
+    if axes is None:
+        return None
+    sizes = {}
+    flat_axes = jax.tree_util.tree_flatten(axes, is_leaf=lambda x: x is None)[0]
+    if axes == 0:
+        parts = [(jax.tree_util.keystr(p), x)
+                 for p, x in jax.tree_util.tree_flatten_with_path(data)[0]]
+    else:
+        try:
+            prefix = jax.tree_util.tree_map(lambda a, d: (a, d), axes, data,
+                                            is_leaf=lambda x: x is None)
+        except ValueError as e:
+            raise ValueError(f"data_axes must be 0, None or a pytree prefix of the data with "
+                             f"0/None leaves: {e}") from None
+        parts = []
+        for path, (a, sub) in jax.tree_util.tree_flatten_with_path(
+                prefix, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2)[0]:
+            if a not in (0, None):
+                raise ValueError(f"data_axes entries must be 0 or None, got {a!r}")
+            if a == 0:
+                parts += [(jax.tree_util.keystr(path) + jax.tree_util.keystr(q), x)
+                          for q, x in jax.tree_util.tree_flatten_with_path(sub)[0]]
+        if not any(a == 0 for a in flat_axes):
+            return None
+    for where, leaf in parts:
+        shape = np.shape(leaf)
+        if not shape:
+            raise ValueError(f"data{where} is batched (data_axes 0) but is a scalar")
+        sizes[where] = shape[0]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batched data leaves need the same leading (lane) size; got {sizes}")
+    return next(iter(sizes.values())) if sizes else None
+
+
+def _slice(tree, i):
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def _lane_data(data, axes, i):
+    if axes is None:
+        return data
+    if axes == 0:
+        return _slice(data, i)
+    return jax.tree_util.tree_map(lambda a, d: d if a is None else _slice(d, i), axes, data,
+                                  is_leaf=lambda x: x is None)
+
+
+@functools.lru_cache(maxsize=64)
+def _batched(pipeline_fn, axes_key, kind: str):
+    leaves, treedef = axes_key
+    axes = jax.tree_util.tree_unflatten(treedef, leaves)
+    if kind == "start":
+        return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, axes, None, None)))
+    if kind == "run":
+        return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, axes, 0, None, None, None, None)))
+    # PSIS log weights: (keys, params, data)
+    return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, 0, axes)))
+
+
+class FitManyResult(Sequence):
+    """The lanes of :func:`fit_many`: ``res[i]`` is lane i as a :class:`vijax.FitResult`.
+
+    Attributes:
+        losses: ``(L, n)`` losses per lane, NaN after a lane stopped (n = steps of the
+            longest lane).
+        diagnostics: list of L :class:`vijax.Diagnostics`.
+        errors: list of L messages (``None`` for lanes that did not fail).
+        params: the fitted guide parameters, batched ``(L, ...)``.
+    """
+
+    def __init__(self, model, spec, guide, params, state, losses, diagnostics, errors,
+                 optimizer, init_points, loop_keys, estimator, data, axes):
+        self.model, self.guide_spec, self.guide = model, spec, guide
+        self.params, self.state, self.losses = params, state, losses
+        self.diagnostics, self.errors = diagnostics, errors
+        self._optimizer, self._init_points, self._loop_keys = optimizer, init_points, loop_keys
+        self._estimator, self._data, self._axes = estimator, data, axes
+
+    def __len__(self) -> int:
+        return len(self.diagnostics)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if isinstance(i, bool) or not isinstance(i, int | np.integer):
+            raise TypeError(f"lane index must be an int, got {i!r}")
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"lane {i} out of range for {n} lanes")
+        i = int(i) % n
+        d = self.diagnostics[i]
+        return FitResult(
+            model=self.model.with_data(_lane_data(self._data, self._axes, i)),
+            guide=self.guide, guide_spec=self.guide_spec, params=_slice(self.params, i),
+            last_params=_slice(self.state.params, i), opt_state=_slice(self.state.opt_state, i),
+            losses=self.losses[i, :d.n_steps], diagnostics=d, optimizer=self._optimizer,
+            init_point=self._init_points[i], state=_slice(self.state, i),
+            loop_key=self._loop_keys[i], estimator=self._estimator)
+
+    def final_losses(self) -> np.ndarray:
+        """``(L,)`` final loss per lane (NaN for failed lanes)."""
+        return np.array([d.final_loss if d.stop_reason != "failed" else np.nan
+                         for d in self.diagnostics])
+
+    def best(self, by: str = "loss") -> FitResult:
+        """The best lane that did not fail: lowest final loss (``by="loss"``, i.e. highest
+        ELBO) or lowest PSIS k-hat (``by="k_hat"``)."""
+        if by not in ("loss", "k_hat"):
+            raise ValueError(f"best(by=...) must be 'loss' or 'k_hat', got {by!r}")
+        score = self.final_losses() if by == "loss" else np.array(
+            [d.k_hat if d.stop_reason != "failed" else np.nan for d in self.diagnostics])
+        if not np.any(np.isfinite(score)):
+            raise ValueError(f"no lane has a finite {by}: every lane failed or the diagnostic "
+                             "was not computed (psis_draws=0)")
+        return self[int(np.nanargmin(np.where(np.isfinite(score), score, np.nan)))]
+
+    def __repr__(self) -> str:
+        done = sum(d.converged for d in self.diagnostics)
+        failed = sum(d.stop_reason == "failed" for d in self.diagnostics)
+        return (f"FitManyResult({len(self)} lanes of {self.guide.name}: {done} converged, "
+                f"{failed} failed)")
+
+
+def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any = None,
+             guide: Any = None, steps: int = 2000, optimizer=None,
+             num_particles: int | None = None, init=None, average: float = 0.5,
+             chunk_size: int = DEFAULT_CHUNK, dtype: Any = None, estimator: Any = None,
+             convergence: Any = "auto", max_consecutive_nonfinite: int = 100,
+             progress: bool | None = None, psis_draws: int = 1000,
+             lanes_per_batch: int | None = None) -> FitManyResult:
+    """Fit L problems as one vmapped, compiled program (see the module docstring).
+
+    Args:
+        model: the :class:`vijax.Model`.
+        data: the data pytree (default: the model's bound data).
+        keys: the lanes' PRNG keys: a lane count ``L`` (keys split from ``key(0)``), a list
+            of int seeds, or a ``(L,)`` key array (``jax.random.split(key, L)``). ``None``:
+            ``L`` from the batched data, keys split from ``key(0)``.
+        data_axes: which data leaves are batched along a leading lane axis: ``None`` (all
+            shared: restarts of one model), ``0`` (every leaf batched), or a pytree prefix of
+            the data with 0/None leaves (e.g. ``{"y": None, "prior_scale": 0}``).
+        lanes_per_batch: run at most this many lanes at once (for batches that do not fit in
+            device memory); the batches run one after another through the same compiled
+            program (the last one padded). ``None``: all lanes at once.
+        guide, steps, optimizer, num_particles, init, average, chunk_size, dtype, estimator,
+        convergence, max_consecutive_nonfinite, progress, psis_draws: as in :func:`vijax.fit`
+            (``init`` is shared by all lanes).
+
+    Returns:
+        A :class:`FitManyResult`: ``res[i]`` is lane i's :class:`vijax.FitResult`;
+        ``res.best()`` the lane with the highest final ELBO; a lane whose fit failed (its
+        loss stayed non-finite) is marked ``stop_reason="failed"`` with its message in
+        ``res.errors[i]`` and does not stop the others.
+
+    Example:
+        >>> import jax, numpyro.distributions as dist, vijax as vj
+        >>> m = vj.Model(lambda z, d: dist.Normal(d["mu"], 1.0).log_prob(z["x"]),
+        ...              {"x": vj.Latent()})
+        >>> res = vj.fit_many(m, {"mu": jax.numpy.arange(4.0)}, data_axes=0, steps=300,
+        ...                   progress=False)
+        >>> len(res), res[3].diagnostics.n_steps <= 300
+        (4, True)
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a vj.Model, got {type(model)}")
+    steps = _check_int("steps", steps)
+    chunk_size = _check_int("chunk_size", chunk_size)
+    limit = _check_int("max_consecutive_nonfinite", max_consecutive_nonfinite)
+    psis_draws = _check_int("psis_draws", psis_draws, minimum=0)
+    if 0 < psis_draws < MIN_DRAWS:
+        raise ValueError(f"psis_draws must be 0 (off) or >= {MIN_DRAWS}, got {psis_draws}")
+    if not isinstance(average, int | float) or not 0.0 <= average < 1.0:
+        raise ValueError(f"average must be a fraction in [0, 1), got {average!r}")
+    rule = resolve_convergence(convergence)
+    target = model.target
+    spec = resolve_spec("meanfield" if guide is None else guide)
+    estimator = resolve_estimator("auto" if estimator is None else estimator)
+    if num_particles is None:
+        num_particles = 8 if target.discrete else 1
+    num_particles = _check_int("num_particles", num_particles)
+    if optimizer is None:
+        optimizer = default_optimizer(getattr(spec, "default_learning_rate", 0.05))
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+    dtype = _resolve_dtype(dtype)
+    data = check_data(model.data if data is None else data, dtype)
+    if data_axes is not None and data is None:
+        raise ValueError("data_axes is given but there is no data")
+    n_data = _lanes_of(data, data_axes)
+    if keys is None:
+        if n_data is None:
+            raise ValueError("give keys= (a lane count, seeds or a key array) or batched data "
+                             "(data_axes=0) so that the number of lanes is known")
+        keys = n_data
+    lane_keys = _lane_keys(keys)
+    n_lanes = lane_keys.shape[0]
+    if n_data is not None and n_data != n_lanes:
+        raise ValueError(f"{n_lanes} keys but the batched data has {n_data} lanes")
+    if lanes_per_batch is not None:
+        lanes_per_batch = _check_int("lanes_per_batch", lanes_per_batch)
+    chunk_len = min(chunk_size, steps)
+    _check_log_joint(model, target, _lane_data(data, data_axes, 0), dtype)
+    guide_fns, objective, runner, start, _ = _pipeline(
+        target, spec, num_particles, optimizer, chunk_len, estimator, rule)
+    fixed, mask = _fixed_init(target, init, dtype)
+    data = jax.tree_util.tree_map(jnp.asarray, data)
+    axes_key = _axes_key(data_axes)
+    vstart = _batched(start, axes_key, "start")
+    vrun = _batched(runner, axes_key, "run")
+
+    group = n_lanes if lanes_per_batch is None else min(lanes_per_batch, n_lanes)
+    t0 = time.perf_counter()
+    outs = []
+    with _progress_bar(progress, steps * n_lanes, objective.name) as bar:
+        done_before = 0
+        for g0 in range(0, n_lanes, group):
+            idx = np.arange(g0, g0 + group)
+            idx = np.where(idx < n_lanes, idx, g0)  # pad the last group with its first lane
+            gdata = data if data_axes is None else _lane_data(data, data_axes, idx)
+            tries, theta0, ok, state, k_loop = vstart(lane_keys[idx], gdata, fixed, mask)
+            # a lane without a finite initial point fails alone: it never runs
+            state = state._replace(failed=state.failed | ~ok)
+            total = jnp.int32(steps)
+            avg_start = jnp.int32(steps - math.floor(average * steps))
+            first_end, lim = jnp.int32(chunk_len), jnp.int32(limit)
+            chunks = []
+            for _ in range(math.ceil(steps / chunk_len)):
+                state, losses = vrun(state, gdata, k_loop, total, avg_start, first_end, lim)
+                chunks.append(losses)
+                bar.update(done_before + int(jnp.sum(state.step[:min(group, n_lanes - g0)])),
+                           losses)
+                if bool(jnp.all(stopped(state))):
+                    break
+            done_before += int(jnp.sum(state.step[:min(group, n_lanes - g0)]))
+            keep = slice(0, min(group, n_lanes - g0))
+            outs.append(jax.tree_util.tree_map(lambda x, keep=keep: x[keep], (
+                state, np.concatenate([np.asarray(c) for c in chunks], axis=1), ok, tries,
+                theta0, k_loop)))
+    state, losses, ok, tries, theta0, k_loop = jax.tree_util.tree_map(
+        lambda *xs: np.concatenate(xs) if isinstance(xs[0], np.ndarray) else
+        jnp.concatenate(xs), *outs)
+    wall = time.perf_counter() - t0
+
+    converged = (np.asarray(state.conv.converged) if isinstance(state.conv, ConvState)
+                 else np.zeros(n_lanes, bool))
+    if isinstance(state.conv, ConvState):
+        conv_params = jax.vmap(converged_params)(state.conv)
+        params = jax.tree_util.tree_map(
+            lambda c, a: jnp.where(jnp.asarray(converged).reshape((-1,) + (1,) * (a.ndim - 1)),
+                                   c, a), conv_params, state.avg_params)
+    else:
+        params = state.avg_params
+
+    k_hat = np.full(n_lanes, np.nan)
+    ess = np.full(n_lanes, np.nan)
+    readings = ["not computed"] * n_lanes
+    if psis_draws and not guide_fns.point_mass:
+        sampler = _weighted_sampler(target, guide_fns, psis_draws)
+        vsample = _batched(sampler, axes_key, "psis")
+        psis_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5151))(lane_keys)
+        _, lw = vsample(psis_keys, params, data)
+        lw = np.asarray(lw, np.float64)
+        for i in range(n_lanes):
+            row = lw[i]
+            if np.any(np.isfinite(row)):
+                r = psis(np.where(np.isfinite(row), row, -np.inf))
+                k_hat[i], ess[i], readings[i] = r.k_hat, r.ess, r.reading
+    elif guide_fns.point_mass:
+        readings = ["not applicable (point mass)"] * n_lanes
+
+    diagnostics, errors = [], []
+    failed = np.asarray(state.failed)
+    n_steps = np.asarray(state.step)
+    for i in range(n_lanes):
+        row = losses[i, :n_steps[i]]
+        if not bool(ok[i]):
+            reason = "failed"
+            errors.append(f"lane {i}: no initial point with a finite log joint and gradient "
+                          f"in {int(tries[i])} tries")
+        elif bool(failed[i]):
+            reason = "failed"
+            errors.append(f"lane {i}: {limit} consecutive steps were not finite (last at step "
+                          f"{int(n_steps[i]) - 1}); res[{i}].state holds its last finite state")
+        else:
+            reason = "converged" if converged[i] else "max_steps"
+            errors.append(None)
+        diagnostics.append(Diagnostics(
+            n_steps=int(n_steps[i]), n_nonfinite_skipped=int(state.n_nonfinite[i]),
+            wall_time=wall, objective=objective.name, num_particles=num_particles,
+            final_loss=_final_loss(row), estimator=objective.estimator,
+            converged=reason == "converged", stop_reason=reason, max_steps=steps,
+            k_hat=float(k_hat[i]), ess=float(ess[i]), k_hat_reading=readings[i],
+            psis_draws=psis_draws if np.isfinite(k_hat[i]) else 0))
+    return FitManyResult(model, spec, guide_fns, params, state, losses, diagnostics, errors,
+                         optimizer, theta0, k_loop, estimator, data, data_axes)
