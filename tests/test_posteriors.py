@@ -14,7 +14,7 @@ from conftest import precision
 from numpyro.infer.util import log_density
 
 import vijax as vj
-from benchmarks.posteriors import POSTERIORS, load, score
+from benchmarks.posteriors import POSTERIORS, load, score  # benchmarks/: pytest pythonpath
 
 NAMES = list(POSTERIORS)
 PICK = [0, 500, 999]  # three of the 1,000 reference draws
@@ -40,35 +40,35 @@ def test_vijax_and_numpyro_agree_up_to_a_constant(name):
         for k in post.reference:
             np.testing.assert_allclose(back[k], ref[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
-        # finite at the reference mean
-        at_mean = {k: jnp.asarray(v[0]) for k, v in
-                   post.to_latents(post.reference_means()).items()}
-        assert np.isfinite(float(post.model.log_density(at_mean, post.data)))
+        # at the three draws and at the reference mean: the vijax log joint is finite, and
+        # vijax - NumPyro is one constant (measured spread <= 1e-12 relative in float64 for all
+        # 16; the tolerance leaves room for other BLAS orders)
+        mean = post.to_latents(post.reference_means())
+        points = {k: jnp.concatenate([v, jnp.asarray(mean[k])]) for k, v in z.items()}
 
-        # vijax log joint - NumPyro log density is one constant (measured spread <= 1e-12
-        # relative in float64 for all 16; the tolerance leaves room for other BLAS orders)
-        mine, gaps = [], []
-        for i in range(len(PICK)):
-            zi = {k: v[i] for k, v in z.items()}
-            lp = float(post.model.log_density(zi, post.data))
+        def both(zi):
             theirs, _ = log_density(post.numpyro_model, (post.data,), {}, zi)
-            mine.append(lp)
-            gaps.append(lp - float(theirs))
-        assert np.all(np.isfinite(mine))
+            return jnp.stack([post.model.log_density(zi, post.data), theirs])
+
+        mine, theirs = np.asarray(jax.jit(jax.vmap(both))(points)).T
+        assert np.all(np.isfinite(mine)), mine
+        gaps = mine - theirs
         assert np.ptp(gaps) <= 1e-8 * max(1.0, np.mean(np.abs(mine))), gaps
 
 
-@pytest.mark.parametrize("name", NAMES)
+# one_comp is left out: its RK4 ODE's gradient takes ~5 s to compile, and its model is
+# benchmarks.flow_targets', whose float32 fits bench_flows checks draw by draw
+@pytest.mark.parametrize("name", [n for n in NAMES if not n.startswith("one_comp")])
 def test_float32_target_is_finite_with_finite_gradient(name):
     # float32 is what fits use by default; gp_pois_regr needs its raised float32 jitter here
     post = load(name)
     t = post.model.target
     z = post.to_latents(_pick(post.reference_draws(), PICK))
-    for i in range(len(PICK)):
-        theta = t.unconstrain({k: v[i] for k, v in z.items()}, jnp.float32)
-        lp, grad = jax.value_and_grad(t.log_density)(theta, post.data)
-        assert lp.dtype == jnp.float32
-        assert np.isfinite(float(lp)) and np.all(np.isfinite(np.asarray(grad))), (i, lp, grad)
+    thetas = jax.vmap(lambda zi: t.unconstrain(zi, jnp.float32))(z)
+    lp, grad = jax.jit(jax.vmap(jax.value_and_grad(t.log_density), (0, None)))(thetas, post.data)
+    assert lp.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(lp))) and np.all(np.isfinite(np.asarray(grad))), (
+        lp, grad)
 
 
 def test_reference_draws_score_accurate():
@@ -91,7 +91,7 @@ def test_score_rejects_wrong_keys_and_flags_a_bad_fit():
     ref = post.reference_draws()
     shifted = {**ref, "beta[2]": ref["beta[2]"] + 0.5 * post.reference["beta[2]"]["sd"]}
     s = score(post, shifted)
-    assert s["verdict"] == "fail" or s["verdict"] == "usable"
+    assert s["verdict"] == "fail"  # SME 0.5 > 0.3
     assert s["parameters"]["beta[2]"]["sme"] == pytest.approx(0.5, abs=0.05)
 
 
@@ -115,8 +115,9 @@ def test_fullrank_fit_of_nes_is_accurate():
 # approximation at the exact float64 mode gets every beta within SME 0.03), but Adam at the
 # default step size cannot resolve them in 1,500 steps: sblri's posterior sds are ~0.001 in
 # unconstrained space (the step is 0.05 / sqrt(1 + t / 1000)), and nes's Hessian has
-# condition number ~4e3. NumPyro's AutoMultivariateNormal (Adam 0.01 or 0.05) also fails
-# (SME 4-140 on sblri, 0.15-1 on nes, |log R| >= 0.13). Kept as a marker of the gap.
+# condition number ~4e3. 10,000 steps at step size 0.01 or 0.002 still fail (sblri SME 16-150,
+# nes 0.56-4); NumPyro's AutoMultivariateNormal (Adam 0.01 or 0.05, 1,500 or 10,000 steps) also
+# fails (SME 4-140 on sblri, 0.15-1.1 on nes, |log R| >= 0.13). Kept as a marker of the gap.
 @pytest.mark.slow
 @pytest.mark.xfail(reason="vj.fit fullrank, 1,500 default steps, does not converge on these "
                           "badly scaled posteriors (measured numbers in the comment)",
