@@ -53,6 +53,10 @@ from benchmarks.floor import make_floor
 from benchmarks.workloads import WORKLOADS, Workload, get_workload
 from vijax.fit import _pipeline
 
+# the chunk runner's stopping arguments: never stop early, never give up on non-finite steps
+NO_STOP = jnp.asarray(0, jnp.int32)
+NO_LIMIT = jnp.asarray(2**30, jnp.int32)
+
 TOOLS = ("vijax", "numpyro", "floor")
 GUIDES = ("meanfield", "lowrank")
 PARTICLES = (1, 8)
@@ -105,9 +109,10 @@ def _vijax_session(cfg: Config, steps: int, numpyro_meanfield: str) -> Session:
     chunk_size = min(500, steps)
 
     def fit(data, seed):
+        # fixed work for every method: no early stopping, no PSIS check, no progress bar
         res = vj.fit(model, data, guide=guide, steps=steps, optimizer=optimizer,
                      key=jax.random.key(seed), num_particles=cfg.particles,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, convergence=None, psis_draws=0, progress=False)
         jax.block_until_ready(res.params)
         return res.losses
 
@@ -124,7 +129,7 @@ def _vijax_session(cfg: Config, steps: int, numpyro_meanfield: str) -> Session:
         avg_start = jnp.asarray(0, jnp.int32)  # averaging on, as in the tail of a fit
 
         def call():
-            cell[0], losses = runner(cell[0], data, key, total, avg_start)
+            cell[0], losses = runner(cell[0], data, key, total, avg_start, NO_STOP, NO_LIMIT)
             jax.block_until_ready((cell[0], losses))
 
         return call

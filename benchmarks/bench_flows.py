@@ -64,6 +64,10 @@ from vijax.fit import _pipeline
 from vijax.guides.flow import default_hidden, default_layers
 from vijax.psis import MIN_DRAWS
 
+# the chunk runner's stopping arguments: never stop early, never give up on non-finite steps
+NO_STOP = jnp.asarray(0, jnp.int32)
+NO_LIMIT = jnp.asarray(2**30, jnp.int32)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NUMPYRO_LR = {"numpyro_iaf": 1e-3, "numpyro_iaf_default": 1e-3, "numpyro_bnaf": 1e-2}
 """NumPyro's Adam step sizes: for each guide the best of 1e-3, 3e-3 and 1e-2 on the banana and
@@ -148,8 +152,10 @@ def _vijax_session(target: FlowTarget, method: str, args) -> Session:
     data = vj.prepare_data(target.data)
 
     def fit(seed):
+        # equal steps for every method: no early stopping; PSIS is computed below
         res = vj.fit(model, data, guide=guide, steps=args.steps,
-                     num_particles=args.particles, key=jax.random.key(seed))
+                     num_particles=args.particles, key=jax.random.key(seed),
+                     convergence=None, psis_draws=0, progress=False)
         jax.block_until_ready(res.params)
         sample = jax.jit(jax.vmap(res.guide.sample, in_axes=(0, None)))
 
@@ -172,7 +178,7 @@ def _vijax_session(target: FlowTarget, method: str, args) -> Session:
         avg_start = jnp.asarray(0, jnp.int32)  # averaging on, as in the tail of a fit
 
         def call():
-            cell[0], losses = runner(cell[0], data, key, total, avg_start)
+            cell[0], losses = runner(cell[0], data, key, total, avg_start, NO_STOP, NO_LIMIT)
             jax.block_until_ready((cell[0], losses))
 
         return call

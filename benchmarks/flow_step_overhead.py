@@ -34,7 +34,6 @@ from benchmarks.bench_flows import METHODS, make_session
 from benchmarks.flow_targets import TARGETS, get_target
 from vijax.fit import _pipeline
 from vijax.loop import init_state, make_chunk_runner
-from vijax.objective import Objective
 
 
 def _calls(args) -> dict:
@@ -48,10 +47,13 @@ def _calls(args) -> dict:
     dim = model.target.dim
     state = start(jax.random.key(0), data, jnp.zeros((dim,)), jnp.zeros((dim,), bool))[3]
     key, total, avg_start = jax.random.key(1), jnp.int32(2**30), jnp.int32(0)
-    grad = jax.value_and_grad(objective.loss, argnums=1)
+    zero, never = jnp.int32(0), jnp.int32(2**30)  # no early stop, no non-finite limit
+    grad = jax.value_and_grad(lambda k, p, d: objective.loss(k, p, d, state.est_state)[0],
+                              argnums=1)
 
     flat, unravel = ravel_pytree(state.params)
-    flat_objective = Objective("neg_elbo", lambda kk, p, d: objective.loss(kk, unravel(p), d))
+    flat_objective = objective._replace(
+        loss=lambda kk, p, d, st: objective.loss(kk, unravel(p), d, st))
     flat_runner = make_chunk_runner(flat_objective, opt, n)
     flat_state = init_state(flat, opt)
 
@@ -74,9 +76,9 @@ def _calls(args) -> dict:
 
     bench_args = types.SimpleNamespace(steps=n, particles=k, numpyro_lr=None, chunk=n)
     return {
-        "vijax runner": lambda: runner(state, data, key, total, avg_start),
+        "vijax runner": lambda: runner(state, data, key, total, avg_start, zero, never),
         "vijax runner, flat params": lambda: flat_runner(flat_state, data, key, total,
-                                                         avg_start),
+                                                         avg_start, zero, never),
         "plain scan": lambda: plain(state.params, state.opt_state),
         "gradient only": lambda: grad_only(state.params),
         METHODS[args.numpyro].label: make_session(target, args.numpyro, bench_args).chunk(n),
