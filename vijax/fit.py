@@ -115,7 +115,24 @@ def check_data(data: Any, dtype=None) -> Any:
 
 
 def _check_log_joint(model: Model, target, data, dtype) -> None:
-    """Trace the model's density once on abstract values: it must return a float scalar."""
+    """Trace the model's density once on abstract values: it must return a float scalar.
+
+    Remembered per (model, data shapes and dtypes): a repeat fit does not re-trace it."""
+    leaves, treedef = jax.tree_util.tree_flatten(data)
+    key = (model, target, treedef, np.dtype(dtype).name,
+           tuple((tuple(np.shape(x)), str(np.result_type(x))) for x in leaves))
+    if key in _CHECKED:
+        return
+    _trace_log_joint(model, target, data, dtype)
+    if len(_CHECKED) > 1024:
+        _CHECKED.clear()
+    _CHECKED.add(key)
+
+
+_CHECKED: set = set()  # (model, target, data structure, shapes, dtypes) already traced
+
+
+def _trace_log_joint(model: Model, target, data, dtype) -> None:
     theta = jax.ShapeDtypeStruct((target.full_dim,), dtype)
     shapes = {b.name: b.shape for b in target.blocks + target.discrete}
     if model.factorised:
