@@ -120,7 +120,8 @@ def _check_log_joint(model: Model, target, data, dtype) -> None:
     Remembered per (model, data shapes and dtypes): a repeat fit does not re-trace it."""
     leaves, treedef = jax.tree_util.tree_flatten(data)
     key = (model, target, treedef, np.dtype(dtype).name,
-           tuple((tuple(np.shape(x)), str(np.result_type(x))) for x in leaves))
+           tuple((tuple(np.shape(x)), str(x.dtype if hasattr(x, "dtype") else
+                                          np.asarray(x).dtype)) for x in leaves))
     if key in _CHECKED:
         return
     _trace_log_joint(model, target, data, dtype)

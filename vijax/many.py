@@ -179,10 +179,12 @@ class FitManyResult(Sequence):
             raise ValueError(f"best(by=...) must be 'loss' or 'k_hat', got {by!r}")
         score = self.final_losses() if by == "loss" else np.array(
             [d.k_hat if d.stop_reason != "failed" else np.nan for d in self.diagnostics])
-        if not np.any(np.isfinite(score)):
-            raise ValueError(f"no lane has a finite {by}: every lane failed or the diagnostic "
+        if by == "loss":
+            score = np.where(np.isfinite(score), score, np.nan)
+        if np.all(np.isnan(score)):  # k-hat may be -inf (flat weights): the best there is
+            raise ValueError(f"no lane has a {by}: every lane failed or the diagnostic "
                              "was not computed (psis_draws=0)")
-        return self[int(np.nanargmin(np.where(np.isfinite(score), score, np.nan)))]
+        return self[int(np.nanargmin(score))]
 
     def __repr__(self) -> str:
         done = sum(d.converged for d in self.diagnostics)

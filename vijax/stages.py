@@ -109,13 +109,14 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
         records.append((rung, d.final_loss, d.k_hat, time.perf_counter() - t0))
         fitted.append(res)
         prev = res
-        if rung != "delta" and np.isfinite(d.k_hat) and d.k_hat < spec.threshold:
+        # NaN (not computed, point mass) never passes; -inf (flat weights: q is exact) does
+        if rung != "delta" and d.k_hat < spec.threshold:
             chosen = res
             break
     if chosen is None:  # no rung met the threshold: the one with the lowest k-hat
-        scored = [r for r in fitted if np.isfinite(r.diagnostics.k_hat)] or fitted
-        chosen = min(scored, key=lambda r: r.diagnostics.k_hat
-                     if np.isfinite(r.diagnostics.k_hat) else np.inf)
+        scored = [r for r in fitted if not np.isnan(r.diagnostics.k_hat)] or fitted
+        chosen = min(scored, key=lambda r: np.nan_to_num(r.diagnostics.k_hat, nan=np.inf,
+                                                         neginf=-np.inf))
     diagnostics = chosen.diagnostics._replace(ladder=tuple(records),
                                               rung=chosen.guide_spec.name)
     return dataclasses.replace(chosen, diagnostics=diagnostics)
