@@ -182,7 +182,7 @@ def test_ladder_stops_at_meanfield_on_an_independent_gaussian():
     res = vj.fit(INDEPENDENT, guide=NO_LAPLACE, progress=False, key=jax.random.key(0))
     d = res.diagnostics
     assert d.rung == "meanfield" and [r[0] for r in d.ladder] == ["delta", "meanfield"]
-    assert d.k_hat < 0.7 and all(r[3] > 0 for r in d.ladder)
+    assert d.k_hat < 0.7 and all(r[3] > 0 and r[4] == "" for r in d.ladder)
     # with the Laplace rung (exact for a Gaussian) the default ladder stops there
     assert vj.fit(INDEPENDENT, guide="auto", progress=False).diagnostics.rung == "laplace"
 
@@ -194,6 +194,18 @@ def test_ladder_climbs_past_meanfield_on_a_correlated_gaussian():
     assert rungs[:2] == ["delta", "meanfield"] and d.rung in ("lowrank", "fullrank", "iaf")
     assert d.ladder[1][2] > 0.7  # mean-field's k-hat on this posterior
     assert d.k_hat < 0.7
+
+
+def test_ladder_skips_a_rung_that_cannot_be_fitted():
+    # the saddle of test_laplace_refuses_a_saddle...: laplace fails, the ladder goes on
+    m = vj.Model(lambda z, d: -0.5 * z["x"] ** 2 + 0.5 * z["y"] ** 2 - 0.25 * z["y"] ** 4,
+                 {"x": vj.Latent(), "y": vj.Latent()})
+    res = vj.fit(m, guide=vj.guides.Ladder(rungs=("laplace", "meanfield")), progress=False,
+                 key=jax.random.key(0), optimizer=__import__("optax").sgd(0.1),
+                 init={"x": 0.3, "y": 0.0})
+    rungs = res.diagnostics.ladder
+    assert rungs[0][0] == "laplace" and "not positive definite" in rungs[0][4]
+    assert res.diagnostics.rung == "meanfield"
     with pytest.raises(ValueError, match="Ladder rungs must be a non-empty sub-sequence"):
         vj.guides.Ladder(rungs=("meanfield", "delta"))
     with pytest.raises(ValueError, match="psis_draws must be > 0"):

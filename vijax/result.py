@@ -22,7 +22,9 @@ class Diagnostics(NamedTuple):
     ``k_hat``, ``ess`` and ``k_hat_reading`` are PSIS on ``psis_draws`` draws of q (Yao et
     al. 2018: k-hat < 0.5 good, < 0.7 usable, else unreliable; NaN when not computed);
     ``final_loss`` is the mean loss over the last 10% of steps; with ``guide="auto"``,
-    ``ladder`` holds one ``(rung, final_loss, k_hat, wall_time)`` per rung fitted and
+    ``ladder`` holds one ``(rung, final_loss, k_hat, wall_time, error)`` per rung tried
+    (``error`` is ``""``, or the message of a rung that could not be fitted and was skipped)
+    and
     ``rung`` the one chosen;
     ``objective`` names the loss (``"neg_elbo"``, ``"neg_iwae_bound"``, ...) and
     ``estimator`` the gradient estimator chosen (e.g. ``"reparam (continuous) + score

@@ -103,16 +103,26 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
     init = kw.pop("init", None)
     for rung in rungs:
         t0 = time.perf_counter()
-        res = _fit()(model, data, guide=resolve_spec(rung), init_from=prev,
-                     init=init if prev is None else None, **kw)
+        try:
+            res = _fit()(model, data, guide=resolve_spec(rung), init_from=prev,
+                         init=init if prev is None else None, **kw)
+        except (ValueError, FloatingPointError) as e:
+            # a rung that cannot be fitted here (e.g. laplace at a saddle point, a non-finite
+            # run) is recorded and skipped; the next rung starts from the last good one
+            records.append((rung, float("nan"), float("nan"), time.perf_counter() - t0,
+                            f"{type(e).__name__}: {e}"))
+            continue
         d = res.diagnostics
-        records.append((rung, d.final_loss, d.k_hat, time.perf_counter() - t0))
+        records.append((rung, d.final_loss, d.k_hat, time.perf_counter() - t0, ""))
         fitted.append(res)
         prev = res
         # NaN (not computed, point mass) never passes; -inf (flat weights: q is exact) does
         if rung != "delta" and d.k_hat < spec.threshold:
             chosen = res
             break
+    if not fitted:
+        raise ValueError("guide='auto': no rung could be fitted: " + "; ".join(
+            f"{r[0]}: {r[4]}" for r in records))
     if chosen is None:  # no rung met the threshold: the one with the lowest k-hat
         scored = [r for r in fitted if not np.isnan(r.diagnostics.k_hat)] or fitted
         chosen = min(scored, key=lambda r: np.nan_to_num(r.diagnostics.k_hat, nan=np.inf,
