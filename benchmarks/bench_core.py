@@ -306,6 +306,16 @@ def machine_info() -> dict:
     }
 
 
+def write_report(out, name: str, quick: bool, report: dict, md: str, wall_s: float) -> None:
+    """Print the markdown and write ``<name>_<backend>[_quick].{json,md}`` into ``out``."""
+    print(md)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{jax.default_backend()}{'_quick' if quick else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    print(f"wrote {out / stem}.{{json,md}} ({wall_s:.0f} s)", file=sys.stderr)
+
+
 def to_markdown(report: dict) -> str:
     m, s = report["machine"], report["settings"]
     lines = [
@@ -422,14 +432,8 @@ def main(argv=None) -> dict | None:
     settings["total_wall_s"] = time.perf_counter() - t0
     report = {"machine": {**machine_info(), "loadavg_start": load_start}, "settings": settings,
               "rows": rows}
-    md = to_markdown(report)
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"core_{jax.default_backend()}{'_quick' if args.quick else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
-    print(f"wrote {args.out / stem}.{{json,md}} ({settings['total_wall_s']:.0f} s)",
-          file=sys.stderr)
+    write_report(args.out, "core", args.quick, report, to_markdown(report),
+                 settings["total_wall_s"])
     return report
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -54,7 +53,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 
 import vijax as vj
-from benchmarks.bench_core import machine_info
+from benchmarks.bench_core import machine_info, write_report
 from benchmarks.estimator_workloads import WORKLOADS, EstWorkload, get_workload
 from vijax.fit import _pipeline
 from vijax.guides.resolve import build_guide, resolve_spec
@@ -672,14 +671,8 @@ def main(argv=None) -> dict:
     report = {"machine": {**machine_info(), "loadavg_start": load_start}, "settings": settings,
               "rows": rows}
     report["headline"] = headline(report)
-    md = to_markdown(report)
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"estimators_{jax.default_backend()}{'_quick' if args.quick else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
-    print(f"wrote {args.out / stem}.{{json,md}} ({settings['total_wall_s']:.0f} s)",
-          file=sys.stderr)
+    write_report(args.out, "estimators", args.quick, report, to_markdown(report),
+                 settings["total_wall_s"])
     return report
 
 

@@ -58,7 +58,7 @@ from numpyro.infer.autoguide import AutoBNAFNormal, AutoIAFNormal
 from numpyro.infer.util import log_density as numpyro_log_density
 
 import vijax as vj
-from benchmarks.bench_core import machine_info
+from benchmarks.bench_core import machine_info, write_report
 from benchmarks.flow_targets import TARGETS, FlowTarget, concentrations, get_target
 from vijax.fit import _pipeline
 from vijax.guides.flow import default_hidden, default_layers
@@ -617,14 +617,8 @@ def main(argv=None) -> dict | None:
     settings["total_wall_s"] = time.perf_counter() - t0
     report = {"machine": {**machine_info(), "loadavg_start": load_start}, "settings": settings,
               "rows": rows}
-    md = to_markdown(report)
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"flows_{jax.default_backend()}{'_quick' if args.quick else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
-    print(f"wrote {args.out / stem}.{{json,md}} ({settings['total_wall_s']:.0f} s)",
-          file=sys.stderr)
+    write_report(args.out, "flows", args.quick, report, to_markdown(report),
+                 settings["total_wall_s"])
     return report
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -69,7 +68,7 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.util import log_density as numpyro_log_density
 
 import vijax as vj
-from benchmarks.bench_core import machine_info
+from benchmarks.bench_core import machine_info, write_report
 from benchmarks.workloads import get_workload
 
 LEARNING_RATE = 1e-2
@@ -523,14 +522,8 @@ def main(argv=None) -> dict:
                     total_wall_s=time.perf_counter() - t0)
     report = {"machine": {**machine_info(), "loadavg_start": load_start}, "settings": settings,
               "density_check": density, "rows": rows, "targets_met": _targets_met(rows)}
-    md = to_markdown(report)
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"many_{jax.default_backend()}{'_quick' if args.quick else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
-    print(f"wrote {args.out / stem}.{{json,md}} ({settings['total_wall_s']:.0f} s)",
-          file=sys.stderr)
+    write_report(args.out, "many", args.quick, report, to_markdown(report),
+                 settings["total_wall_s"])
     return report
 
 
