@@ -13,6 +13,11 @@ chunk). Like Stan's ADVI rule it compares windowed means of the objective, but t
 the measured noise rather than a fixed relative change, so it neither stops on noise nor waits
 forever when the loss is flat up to noise.
 
+Known limit: a fit that still improves, but by less per block than the Monte Carlo noise of
+the loss, looks converged (slow drift along a funnel's neck); a longer ``window`` (the noise of
+a block mean falls as ``1/sqrt(window)`` while the drift grows with it) or ``convergence=None``
+lets it go on.
+
 At convergence the returned parameters are the average of the iterates over the last two
 blocks (both at the optimum up to noise); without convergence, the tail average of ``fit``.
 No host synchronisation per step: the host reads the ``converged`` flag once per chunk, and
