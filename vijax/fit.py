@@ -41,6 +41,25 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def _check_loop_options(model, steps, chunk_size, max_consecutive, psis_draws, average,
+                        progress) -> tuple[int, int, int, int]:
+    """The options ``fit`` and ``fit_many`` share: checked, as ints where they are counts."""
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a vj.Model (use @vj.model, vj.Model or vj.from_numpyro), "
+                        f"got {type(model)}")
+    steps = _check_int("steps", steps)
+    chunk_size = _check_int("chunk_size", chunk_size)
+    max_consecutive = _check_int("max_consecutive_nonfinite", max_consecutive)
+    psis_draws = _check_int("psis_draws", psis_draws, minimum=0)
+    if 0 < psis_draws < MIN_DRAWS:
+        raise ValueError(f"psis_draws must be 0 (off) or >= {MIN_DRAWS}, got {psis_draws}")
+    if not isinstance(average, int | float) or not 0.0 <= average < 1.0:
+        raise ValueError(f"average must be a fraction in [0, 1), got {average!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    return steps, chunk_size, max_consecutive, psis_draws
+
+
 def _check_key(key: Any) -> jax.Array:
     if key is None:
         return jax.random.key(0)
@@ -619,19 +638,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
         >>> res.losses.shape
         (300,)
     """
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a vj.Model (use @vj.model, vj.Model or vj.from_numpyro), "
-                        f"got {type(model)}")
-    steps = _check_int("steps", steps)
-    chunk_size = _check_int("chunk_size", chunk_size)
-    max_consecutive = _check_int("max_consecutive_nonfinite", max_consecutive_nonfinite)
-    psis_draws = _check_int("psis_draws", psis_draws, minimum=0)
-    if 0 < psis_draws < MIN_DRAWS:
-        raise ValueError(f"psis_draws must be 0 (off) or >= {MIN_DRAWS}, got {psis_draws}")
-    if not isinstance(average, int | float) or not 0.0 <= average < 1.0:
-        raise ValueError(f"average must be a fraction in [0, 1), got {average!r}")
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    steps, chunk_size, max_consecutive, psis_draws = _check_loop_options(
+        model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress)
     rule = resolve_convergence(convergence)
     target = model.target
     if resume is not None:

@@ -27,6 +27,7 @@ from vijax.fit import (
     DEFAULT_CHUNK,
     _check_int,
     _check_log_joint,
+    _check_loop_options,
     _final_loss,
     _fixed_init,
     _pipeline,
@@ -38,7 +39,7 @@ from vijax.guides.resolve import resolve_spec
 from vijax.loop import stopped
 from vijax.model import Model
 from vijax.optim import default_optimizer
-from vijax.psis import MIN_DRAWS, psis
+from vijax.psis import psis
 from vijax.result import Diagnostics, FitResult, _weighted_sampler
 
 __all__ = ["fit_many", "FitManyResult"]
@@ -233,16 +234,8 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
         >>> len(res), res[3].diagnostics.n_steps <= 300
         (4, True)
     """
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a vj.Model, got {type(model)}")
-    steps = _check_int("steps", steps)
-    chunk_size = _check_int("chunk_size", chunk_size)
-    limit = _check_int("max_consecutive_nonfinite", max_consecutive_nonfinite)
-    psis_draws = _check_int("psis_draws", psis_draws, minimum=0)
-    if 0 < psis_draws < MIN_DRAWS:
-        raise ValueError(f"psis_draws must be 0 (off) or >= {MIN_DRAWS}, got {psis_draws}")
-    if not isinstance(average, int | float) or not 0.0 <= average < 1.0:
-        raise ValueError(f"average must be a fraction in [0, 1), got {average!r}")
+    steps, chunk_size, limit, psis_draws = _check_loop_options(
+        model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress)
     rule = resolve_convergence(convergence)
     target = model.target
     spec = resolve_spec("meanfield" if guide is None else guide)
