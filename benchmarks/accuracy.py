@@ -111,7 +111,8 @@ def _fit_vijax(post, guide: str, steps: int) -> tuple[dict, dict]:
     if getattr(d, "rung", None) is not None:
         info["rung"] = d.rung
         info["ladder"] = [{"rung": r, "final_loss": float(loss), "k_hat": float(k),
-                           "seconds": float(t)} for r, loss, k, t in d.ladder]
+                           "seconds": float(t), "error": err}
+                          for r, loss, k, t, err in d.ladder]
     return draws, info
 
 

@@ -20,6 +20,7 @@ from vijax.estimators import resolve_estimator
 from vijax.guides.ladder import Ladder
 from vijax.guides.laplace import Laplace
 from vijax.guides.resolve import build_guide, resolve_spec
+from vijax.guides.whitened import Whitened, guide_moments, whitening
 from vijax.loop import FitState, init_state, make_chunk_runner, stopped
 from vijax.model import Model
 from vijax.objective import make_objective
@@ -250,9 +251,30 @@ def _same_family(a, b) -> bool:
                for f in dataclasses.fields(a) if f.name != "init_scale")
 
 
-def _warm_continuous(spec, params, source_params, source_spec, source_name):
+def _whitened_params(spec, params, source: FitResult):
+    """A :class:`Whitened` guide's parameters from ``source``: ``shift`` and ``T`` from its
+    mean and covariance, the base as initialised (``None`` if ``source`` is a point mass or
+    its covariance is not positive definite: the fit then starts from its centre only)."""
+    dim = source.target.dim
+    moments = guide_moments(source.guide, source.params, dim, jax.random.key(0))
+    if moments is None:
+        return None
+    try:
+        fixed = whitening(*moments, full=spec.full)
+    except ValueError:
+        return None
+    dtype = params["shift"].dtype
+    return {**params, **{k: jnp.asarray(v, dtype) for k, v in fixed.items()}}
+
+
+def _warm_continuous(spec, params, source: FitResult, source_params, source_spec,
+                     source_name):
     if source_spec == spec:
         taken = source_params
+    elif isinstance(spec, Whitened):
+        taken = _whitened_params(spec, params, source)
+        if taken is None:
+            return None
     elif _same_family(getattr(spec, "base", None), source_spec):
         taken = {**params, "base": source_params}
     else:
@@ -270,9 +292,9 @@ def _warm_params(spec, params, source: FitResult):
     the base when the new guide is a flow over the source's family (discrete latents' logits
     always); else ``None``."""
     if not source.target.discrete:
-        return _warm_continuous(spec, params, source.params, source.guide_spec,
+        return _warm_continuous(spec, params, source, source.params, source.guide_spec,
                                 source.guide.name)
-    cont = _warm_continuous(spec, params["continuous"], source.params["continuous"],
+    cont = _warm_continuous(spec, params["continuous"], source, source.params["continuous"],
                             source.guide_spec, source.guide.name)
     return {"continuous": params["continuous"] if cont is None else cont,
             "discrete": source.params["discrete"]}

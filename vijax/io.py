@@ -78,7 +78,7 @@ _STATE_RULES = (None, Convergence())
 # ---------------------------------------------------------------------------------------------
 # configuration objects <-> tagged JSON
 def _config_classes() -> dict[str, type]:
-    classes = [*_guides.GUIDE_NAMES.values(), _guides.Structured,
+    classes = [*_guides.GUIDE_NAMES.values(), _guides.Structured, _guides.Whitened,
                *_estimators.ESTIMATOR_NAMES.values()]
     registry = {c.__name__: c for c in classes}
     assert len(registry) == len(classes), "configuration class names must be unique"

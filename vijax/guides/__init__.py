@@ -11,8 +11,9 @@ from vijax.guides.lowrank import LowRank
 from vijax.guides.meanfield import MeanField
 from vijax.guides.resolve import GUIDE_NAMES, build_guide, resolve_spec
 from vijax.guides.structured import Structured
+from vijax.guides.whitened import Whitened, whitening
 
 __all__ = ["Guide", "Delta", "MeanField", "LowRank", "FullRank", "IAF", "Spline", "RealNVP",
-           "Laplace", "Ladder",
+           "Laplace", "Ladder", "Whitened", "whitening",
            "Structured", "GUIDE_NAMES",
            "build_guide", "resolve_spec", "softplus", "softplus_inverse"]
