@@ -8,7 +8,7 @@ import numpyro.distributions as dist
 import pytest
 
 import vijax as vj
-from vijax.guides import FullRank, IAF, LowRank, MeanField, Whitened, whitening
+from vijax.guides import IAF, FullRank, LowRank, MeanField, Whitened, whitening
 
 _T = np.array([[2.0, 0.0, 0.0], [0.5, 0.1, 0.0], [-1.0, 3.0, 4.0]])
 
