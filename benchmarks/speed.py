@@ -123,7 +123,7 @@ def applies(tool: str, guide: str, dim: int) -> bool:
 def make_fullrank_floor(log_density: Callable[[jax.Array, Any], jax.Array], dim: int,
                         num_particles: int, optimizer: optax.GradientTransformation):
     """The floor for a full-rank Gaussian, vijax's parameterisation: ``theta = loc + L eps``,
-    ``L = strict_lower(raw_tril) + diag(softplus(raw_diag))``, entropy
+    ``L = diag(s) (I + strict_lower(raw_tril))``, ``s = softplus(raw_diag)``, entropy
     ``H = sum log diag(L) + dim/2 (1 + log 2 pi)``; otherwise as :func:`floor.make_floor`.
 
     Returns:
@@ -131,7 +131,8 @@ def make_fullrank_floor(log_density: Callable[[jax.Array, Any], jax.Array], dim:
     """
 
     def draw(key, p):
-        scale_tril = jnp.tril(p["raw_tril"], -1) + jnp.diag(jax.nn.softplus(p["raw_diag"]))
+        scale_tril = jax.nn.softplus(p["raw_diag"])[:, None] * (
+            jnp.tril(p["raw_tril"], -1) + jnp.eye(dim))
         return p["loc"] + scale_tril @ jax.random.normal(key, (dim,))
 
     def entropy(p):

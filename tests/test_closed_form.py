@@ -27,7 +27,8 @@ COV_TOL = {"fullrank": 0.1, "lowrank": 0.2, "meanfield": 0.1}
 def _covariance(guide_name, params):
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     if guide_name == "fullrank":
-        L = np.tril(p["raw_tril"], -1) + np.diag(np.logaddexp(0, p["raw_diag"]))
+        L = np.diag(np.logaddexp(0, p["raw_diag"])) @ (np.tril(p["raw_tril"], -1)
+                                                       + np.eye(len(p["raw_diag"])))
         return L @ L.T
     if guide_name == "lowrank":
         s = np.logaddexp(0, p["raw_scale"])

@@ -125,9 +125,7 @@ GAUSS_3D = vj.Model(lambda z, d: dist.MultivariateNormal(
 def test_stl_gradient_vanishes_when_q_is_the_posterior():
     chol = np.linalg.cholesky(GAUSS_3D_COV)
     # q set to the posterior exactly, in the full-rank guide's parameterisation
-    params = {"loc": jnp.array([1.0, -1.0, 0.5]),
-              "raw_tril": jnp.asarray(np.tril(chol, -1), jnp.float32),
-              "raw_diag": softplus_inverse(jnp.asarray(np.diag(chol), jnp.float32))}
+    params = vj.guides.FullRank.params_from(jnp.array([1.0, -1.0, 0.5]), chol)
     stl = _grad_samples(GAUSS_3D, "fullrank", "stl", params, k=1, n=2000)
     rep = _grad_samples(GAUSS_3D, "fullrank", "reparam", params, k=1, n=2000)
     print(f"gradient variance at the optimum: STL {stl.var(0).sum():.2e}, "

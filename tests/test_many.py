@@ -147,8 +147,7 @@ def test_laplace_matches_the_exact_linear_regression_posterior(blr, blr_model):
     assert res.guide.name == "laplace" and res.guide_spec == vj.guides.Laplace()
     sd = np.sqrt(np.diag(blr.cov))
     np.testing.assert_array_less(np.abs(np.asarray(res.params["loc"]) - blr.mean) / sd, 1e-3)
-    chol = np.tril(np.asarray(res.params["raw_tril"]), -1) + np.diag(
-        np.logaddexp(0, np.asarray(res.params["raw_diag"])))
+    chol = np.asarray(vj.guides.FullRank.scale_tril(res.params))
     np.testing.assert_allclose(chol @ chol.T, blr.cov, rtol=1e-3, atol=1e-6)
     # the Gaussian posterior is exactly Gaussian: importance ratios are constant
     assert res.diagnostics.k_hat < 0.3

@@ -1,6 +1,7 @@
 """Pickle-free checkpoints of fit results: ``res.save(path)`` / ``vj.load(path, model)``.
 
-File format (``FORMAT_VERSION`` 1). One uncompressed zip archive, a valid ``.npz`` file (so
+File format (``FORMAT_VERSION`` 2; format 1 stored full-rank Cholesky off-diagonals in
+absolute units and is refused). One uncompressed zip archive, a valid ``.npz`` file (so
 ``numpy.load(path, allow_pickle=False)`` can inspect it), with these members:
 
 - ``manifest.json``: UTF-8 JSON, described below.
@@ -67,7 +68,7 @@ from vijax.result import Diagnostics, FitResult
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "vijax-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: full-rank off-diagonals relative to their row's scale
 _MANIFEST = "manifest.json"
 _GROUPS = ("params", "last_params", "opt_state", "state", "init_point", "losses", "loop_key")
 _STORED_KINDS = "biufc"  # numeric dtypes only: anything else is refused on load
@@ -323,6 +324,11 @@ def _check_versions(path: str, manifest: dict) -> None:
         raise _refuse(path, f"it is in checkpoint format {fmt}, newer than the format "
                             f"{FORMAT_VERSION} this vijax ({vijax.__version__}) reads; upgrade "
                             "vijax")
+    if fmt < FORMAT_VERSION:
+        raise _refuse(path, f"it is in checkpoint format {fmt}, whose full-rank Gaussian "
+                            f"parameters mean something else in format {FORMAT_VERSION} (the "
+                            "Cholesky off-diagonals are now relative to their row's scale); "
+                            "refit and save again")
     saved = str(manifest.get("vijax_version"))
     if saved.split(".")[:2] != vijax.__version__.split(".")[:2]:
         raise _refuse(path, f"it was written by vijax {saved}, this is vijax "

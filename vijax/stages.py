@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vijax.convergence import Convergence
-from vijax.guides.base import softplus_inverse
 from vijax.guides.delta import Delta
 from vijax.guides.fullrank import FullRank
 from vijax.guides.ladder import Ladder
@@ -69,8 +68,7 @@ def laplace_params(target, loc: jax.Array, data) -> dict[str, jax.Array]:
             "Gaussian at a mode; use a variational guide (e.g. 'fullrank')")
     cov = s[:, None] * ((vec / eig) @ vec.T) * s[None, :]
     chol = np.linalg.cholesky(0.5 * (cov + cov.T))
-    return {"loc": loc, "raw_tril": jnp.asarray(np.tril(chol, -1), dtype),
-            "raw_diag": softplus_inverse(jnp.asarray(np.diag(chol), dtype))}
+    return FullRank.params_from(loc, jnp.asarray(chol, dtype))
 
 
 def _newton_mode(target, loc: jax.Array, data, max_iter: int = 50
