@@ -4,6 +4,7 @@ automatic guide ladder (``guide="auto"``). Both compose :func:`vijax.fit`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -71,6 +72,18 @@ def laplace_params(target, loc: jax.Array, data) -> dict[str, jax.Array]:
     return FullRank.params_from(loc, jnp.asarray(chol, dtype))
 
 
+@functools.lru_cache(maxsize=32)
+def _newton_fns(target):
+    """Compiled ``(theta, data) -> (-log p~, gradient, Hessian)`` and ``-log p~``, one pair
+    per target (so a repeat Laplace fit does not compile them again)."""
+    def neg(t, data):
+        return -target.log_density(t, data)
+
+    both = jax.jit(lambda t, data: (neg(t, data), jax.grad(neg)(t, data),
+                                    jax.hessian(neg)(t, data)))
+    return both, jax.jit(neg)
+
+
 def _newton_mode(target, loc: jax.Array, data, max_iter: int = 50
                  ) -> tuple[jax.Array, np.ndarray]:
     """Polish a stochastic-optimizer mode with damped Newton steps (Levenberg-Marquardt);
@@ -85,11 +98,14 @@ def _newton_mode(target, loc: jax.Array, data, max_iter: int = 50
     scaled gradient step, near it a Newton step). Stops when the Newton decrement
     ``g^T step / 2`` is below 1e-8 per dimension or no step lowers the objective (rounding).
     """
-    def neg(t):
-        return -target.log_density(t, data)
+    value_grad_hess_fn, value_fn = _newton_fns(target)
 
-    value_grad_hess = jax.jit(lambda t: (neg(t), jax.grad(neg)(t), jax.hessian(neg)(t)))
-    value = jax.jit(neg)
+    def value_grad_hess(t):
+        return value_grad_hess_fn(t, data)
+
+    def value(t):
+        return value_fn(t, data)
+
     dtype = loc.dtype
     f, g, h = value_grad_hess(loc)
     for _ in range(max_iter):
@@ -136,7 +152,7 @@ def fit_laplace(spec: Laplace, model, data, kw: dict[str, Any]) -> FitResult:
     k_hat, ess, reading, n = (float("nan"), float("nan"), "not computed", 0) \
         if check is None else check
     # the loss at the Newton-polished mode, not the MAP stage's last Adam iterates
-    final = -float(jax.jit(target.log_density)(params["loc"], bound))
+    final = float(_newton_fns(target)[1](params["loc"], bound))
     diagnostics = mode.diagnostics._replace(
         objective="neg_log_joint (MAP stage, with log-Jacobian)", final_loss=final,
         k_hat=k_hat, ess=ess,
