@@ -185,9 +185,12 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
         if isinstance(rung_spec, Whitened) and isinstance(user_rule, str) and \
                 user_rule == "auto":
             rule = WHITENED_CONVERGENCE
+        rung_kw = kw
+        if rung == "iaf" and kw.get("num_particles") is None and not target.discrete:
+            rung_kw = {**kw, "num_particles": IAF_PARTICLES}
         try:
             res = _fit()(model, data, guide=rung_spec, init_from=prev,
-                         init=init if prev is None else None, convergence=rule, **kw)
+                         init=init if prev is None else None, convergence=rule, **rung_kw)
         except (ValueError, FloatingPointError) as e:
             # a rung that cannot be fitted here (e.g. laplace at a saddle point, a non-finite
             # run) is recorded and skipped; the next rung starts from the last good one
@@ -221,6 +224,11 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
 
 
 _VARIATIONAL = ("meanfield", "lowrank", "fullrank", "iaf")
+IAF_PARTICLES = 4
+"""Particles per step of the IAF rung unless ``num_particles`` is given: on posteriordb's
+gp_pois_regr the whitened IAF with one particle ended 0.13 nats *worse* than the full-rank
+Gaussian it started from (49.23 vs 49.09), with four 0.8 nats better (48.29), at about twice
+the time per step (the particles are vectorised)."""
 WHITENED_CONVERGENCE = Convergence(window=500, patience=2)
 """The stopping rule of the whitened rungs (under ``convergence="auto"``): they start near
 their optimum, so the default rule (window 200) stops at 600 steps with a 400-iterate average
