@@ -158,9 +158,10 @@ BANANA_PLUS = vj.Model(_banana_plus, {"x": vj.Latent((2,)), "w": vj.Latent()})
 
 def test_flow_block_in_structured_guide_and_warm_start():
     small = vj.guides.Spline(num_layers=2, num_bins=4, hidden=(8,))
-    mf = vj.fit(BANANA_PLUS, guide="meanfield", steps=500, key=jax.random.key(0))
+    mf = vj.fit(BANANA_PLUS, guide="meanfield", steps=500, key=jax.random.key(0),
+                psis_draws=0)
     res = vj.fit(BANANA_PLUS, guide={"x": small, "w": "meanfield"}, steps=500,
-                 num_particles=2, key=jax.random.key(1), init_from=mf)
+                 num_particles=2, key=jax.random.key(1), init_from=mf, psis_draws=0)
     assert res.guide.name == "structured(x:spline, w:meanfield)"
     assert res.guide.entropy is None and res.guide.mean is None
     # w is an independent N(1, 0.5^2): Monte Carlo mean of 4,000 draws, se 0.008; 6 se
@@ -168,7 +169,8 @@ def test_flow_block_in_structured_guide_and_warm_start():
     assert np.isfinite(res.diagnostics.final_loss)
     # a flow whose base is the fitted family starts exactly as that fit
     warm = vj.fit(BANANA_PLUS, guide=vj.guides.IAF(num_layers=2, hidden=(8,)), steps=1,
-                  optimizer=optax.sgd(0.0), key=jax.random.key(2), init_from=mf)
+                  optimizer=optax.sgd(0.0), key=jax.random.key(2), init_from=mf,
+                  psis_draws=0)
     for name in ("loc", "raw_scale"):
         np.testing.assert_array_equal(warm.params["base"][name], mf.params[name])
     with pytest.raises(ValueError, match="init or init_from"):
