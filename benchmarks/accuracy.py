@@ -33,7 +33,9 @@ Run: ``python -m benchmarks run --suite accuracy [--quick] [--device cpu|gpu] [-
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import multiprocessing
 import sys
 import time
 import traceback
@@ -206,6 +208,20 @@ def compare(fits: dict[str, dict], verdicts, psis: bool = True) -> dict[str, Any
             "best_numpyro_verdict": fits[best_n]["verdict"]}
 
 
+def _fit_posterior(name: str, methods: list[str], steps: int) -> dict[str, dict]:
+    """Every method on one posterior (run in a child process by :func:`run`)."""
+    reg = _registry()
+    fits = {}
+    for m in methods:
+        r = fits[m] = fit_and_score(reg, name, m, steps)
+        msg = (f"  {name:42s} {m:16s} {r['verdict']:8s} err {r['worst_error']:8.2f} "
+               f"{r['fit_s']:6.1f} s")
+        if r["error"]:
+            msg += f"  ERROR {r['error'][:120]}"
+        print(msg, file=sys.stderr, flush=True)
+    return fits
+
+
 def run(quick: bool, posteriors: list[str] | None = None, methods: list[str] | None = None,
         steps: int | None = None) -> dict[str, Any]:
     """Run the suite; returns the report (``settings``, ``rows``, ``counts``, ``notes``)."""
@@ -220,15 +236,13 @@ def run(quick: bool, posteriors: list[str] | None = None, methods: list[str] | N
         sys.exit(f"unknown methods {bad}; known: {list(METHODS)}")
     steps = steps or (QUICK_STEPS if quick else STEPS)
     rows = []
+    # one fresh process per posterior: a long run compiles hundreds of programs, and one
+    # process holding them all ran out of memory mappings for LLVM's JIT ("Cannot allocate
+    # memory") after ~90 fits; the child inherits JAX_PLATFORMS from the CLI
+    ctx = multiprocessing.get_context("spawn")
     for name in names:
-        fits = {}
-        for m in methods:
-            r = fits[m] = fit_and_score(reg, name, m, steps)
-            msg = (f"  {name:42s} {m:16s} {r['verdict']:8s} err {r['worst_error']:8.2f} "
-                   f"{r['fit_s']:6.1f} s")
-            if r["error"]:
-                msg += f"  ERROR {r['error'][:120]}"
-            print(msg, file=sys.stderr, flush=True)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            fits = pool.submit(_fit_posterior, name, methods, steps).result()
         rows.append({"posterior": name, "fits": fits, "compare": compare(fits, reg.VERDICTS),
                      "compare_q": compare(fits, reg.VERDICTS, psis=False)})
     counts = {m: {v: sum(r["fits"][m]["verdict"] == v for r in rows) for v in reg.VERDICTS}
