@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             draws["theta"] = draws["mu"][:, None] + draws["tau"][:, None] * draws["theta_tilde"]
 
         print(
-            f"\n=== {title} model, guide={args.guide}, {args.steps} steps "
-            f"({wall:.2f} s incl. compilation) ==="
+            f"\n=== {title} model, guide={args.guide}, {res.diagnostics.n_steps} of at most "
+            f"{args.steps} steps ({res.diagnostics.stop_reason}; {wall:.2f} s incl. "
+            f"compilation) ==="
         )
         print(res.summary(key_draw, 4000))
         if "theta_tilde" in draws:
