@@ -118,3 +118,24 @@ def test_ladder_fits_the_badly_scaled_posterior_in_whitened_coordinates(tmp_path
     assert back.guide_spec == res.guide_spec
     np.testing.assert_array_equal(back.sample(jax.random.key(2), 5)["b"],
                                   res.sample(jax.random.key(2), 5)["b"])
+
+
+def test_ladder_whitens_only_up_to_max_fullrank_dim():
+    from types import SimpleNamespace
+
+    from vijax.stages import _rung_spec
+
+    def prev(dim, point_mass=False):
+        return SimpleNamespace(guide=SimpleNamespace(point_mass=point_mass),
+                               target=SimpleNamespace(dim=dim))
+
+    ladder = vj.guides.Ladder(max_fullrank_dim=50)
+    assert _rung_spec("fullrank", prev(50), ladder) == Whitened(FullRank(init_scale=1.0))
+    assert _rung_spec("meanfield", prev(50), ladder) == Whitened(MeanField(init_scale=1.0),
+                                                                 full=False)
+    assert _rung_spec("iaf", prev(50), ladder) == Whitened(IAF())
+    # above it (the whitening needs a dense covariance), from a point mass, or from nothing:
+    # the plain family
+    assert _rung_spec("meanfield", prev(51), ladder) == MeanField()
+    assert _rung_spec("lowrank", prev(10, point_mass=True), ladder) == LowRank()
+    assert _rung_spec("laplace", None, ladder) == vj.guides.Laplace()

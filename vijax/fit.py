@@ -251,11 +251,19 @@ def _same_family(a, b) -> bool:
                for f in dataclasses.fields(a) if f.name != "init_scale")
 
 
+MAX_WHITENING_DIM = 4096
+"""Largest dimension whose dense covariance a warm start into :class:`Whitened` computes."""
+
+
 def _whitened_params(spec, params, source: FitResult):
     """A :class:`Whitened` guide's parameters from ``source``: ``shift`` and ``T`` from its
     mean and covariance, the base as initialised (``None`` if ``source`` is a point mass or
     its covariance is not positive definite: the fit then starts from its centre only)."""
     dim = source.target.dim
+    if dim > MAX_WHITENING_DIM:
+        raise ValueError(f"init_from into a Whitened guide needs the dense covariance of the "
+                         f"fitted result; {dim} unconstrained dimensions is more than "
+                         f"{MAX_WHITENING_DIM} (use the base family directly)")
     moments = guide_moments(source.guide, source.params, dim, jax.random.key(0))
     if moments is None:
         return None

@@ -241,14 +241,15 @@ _UNIT = {"meanfield": MeanField(init_scale=1.0), "lowrank": LowRank(init_scale=1
 
 def _rung_spec(rung: str, prev: FitResult | None, ladder: Ladder):
     """A rung's guide: above a fitted distribution (not a point mass), the family is fitted
-    in coordinates whitened by it (:class:`Whitened`: dense for full-rank and IAF up to
-    ``max_fullrank_dim`` dimensions, else diagonal), starting at its spread."""
+    in coordinates whitened by it (:class:`Whitened`: dense for full-rank and IAF, diagonal
+    for mean-field and low-rank), starting at its spread. Only up to ``max_fullrank_dim``
+    dimensions: the whitening is computed from the dense covariance (O(dim^2) memory,
+    O(dim^3) time), so larger models climb the plain families as before."""
     spec = resolve_spec(rung)
-    if prev is None or prev.guide.point_mass or rung not in ("meanfield", "lowrank",
-                                                              "fullrank", "iaf"):
+    if prev is None or prev.guide.point_mass or rung not in _VARIATIONAL \
+            or prev.target.dim > ladder.max_fullrank_dim:
         return spec
-    full = rung in ("fullrank", "iaf") and prev.target.dim <= ladder.max_fullrank_dim
-    return Whitened(base=_UNIT.get(rung, spec), full=full)
+    return Whitened(base=_UNIT.get(rung, spec), full=rung in ("fullrank", "iaf"))
 
 
 def _fit():
