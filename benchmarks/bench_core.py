@@ -363,14 +363,20 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_core", description=__doc__,
+def base_parser(module: str, doc: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """The options every focused benchmark script shares: ``--quick`` (with what it means for
+    that script) and ``--out`` (default ``benchmarks/results/``)."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="500-step fits, 5 chunk repeats, 1 repeat fit, in-process first fits "
-                        "(about 2-3 minutes)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="directory for the JSON and markdown results")
+    return p
+
+
+def _parse(argv) -> argparse.Namespace:
+    p = base_parser("bench_core", __doc__, "500-step fits, 5 chunk repeats, 1 repeat fit, "
+                    "in-process first fits (about 2-3 minutes)")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--guides", nargs="+", default=list(GUIDES), choices=list(GUIDES))
     p.add_argument("--particles", nargs="+", type=int, default=list(PARTICLES))

@@ -43,7 +43,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -53,7 +52,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 
 import vijax as vj
-from benchmarks.bench_core import machine_info, write_report
+from benchmarks.bench_core import base_parser, machine_info, write_report
 from benchmarks.estimator_workloads import WORKLOADS, EstWorkload, get_workload
 from vijax.fit import _pipeline
 from vijax.guides.resolve import build_guide, resolve_spec
@@ -624,13 +623,9 @@ def reading(report: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_estimators", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="200 gradient draws (2,000 for the references), 300-step fits, 3 chunk "
-                        "repeats, 500 evaluation draws")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                   help="directory for the JSON and markdown results")
+    p = base_parser("bench_estimators", __doc__,
+                    "200 gradient draws (2,000 for the references), 300-step fits, 3 chunk "
+                         "repeats, 500 evaluation draws")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                    help="restrict to these methods (each workload runs its own subset)")

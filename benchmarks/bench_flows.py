@@ -58,7 +58,7 @@ from numpyro.infer.autoguide import AutoBNAFNormal, AutoIAFNormal
 from numpyro.infer.util import log_density as numpyro_log_density
 
 import vijax as vj
-from benchmarks.bench_core import machine_info, write_report
+from benchmarks.bench_core import base_parser, machine_info, write_report
 from benchmarks.flow_targets import TARGETS, FlowTarget, concentrations, get_target
 from vijax.fit import _pipeline
 from vijax.guides.flow import default_hidden, default_layers
@@ -562,13 +562,9 @@ def to_markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_flows", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="banana and one_comp only, 500-step fits, 3 chunk repeats, in-process "
-                        "first fits (about 3 minutes; compilation dominates)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                   help="directory for the JSON and markdown results")
+    p = base_parser("bench_flows", __doc__,
+                    "banana and one_comp only, 500-step fits, 3 chunk repeats, in-process "
+                         "first fits (about 3 minutes; compilation dominates)")
     p.add_argument("--targets", nargs="+", default=None, choices=list(TARGETS),
                    help=f"default: all ({', '.join(TARGETS)}); with --quick: "
                         f"{', '.join(QUICK_TARGETS)}")

@@ -54,7 +54,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -68,7 +67,7 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.util import log_density as numpyro_log_density
 
 import vijax as vj
-from benchmarks.bench_core import machine_info, write_report
+from benchmarks.bench_core import base_parser, machine_info, write_report
 from benchmarks.workloads import get_workload
 
 LEARNING_RATE = 1e-2
@@ -452,13 +451,9 @@ def to_markdown(report: dict) -> str:
 
 
 def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_many", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="L up to 100, 300-step fits, 2 NumPyro fits per L, no PSIS row "
-                        "(about 2 minutes)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                   help="directory for the JSON and markdown results")
+    p = base_parser("bench_many", __doc__,
+                    "L up to 100, 300-step fits, 2 NumPyro fits per L, no PSIS row "
+                         "(about 2 minutes)")
     p.add_argument("--workloads", nargs="+", default=["logistic", "eight_schools"],
                    choices=["logistic", "eight_schools"])
     p.add_argument("--lanes", nargs="+", type=int, default=None,
