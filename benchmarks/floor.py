@@ -8,7 +8,9 @@ up front inside the compiled program and fed to the scan.
 * mean-field: ``theta = loc + softplus(raw) * eps``, ``H = sum log scale + dim/2 (1 + log 2 pi)``;
 * low-rank: ``theta = loc + W e1 + d * e2`` with ``d = softplus(raw)``,
   ``Sigma = W W^T + diag(d^2)``, ``log det Sigma = 2 sum log d + log det(I_r + W^T D^-2 W)``
-  (matrix determinant lemma), ``H = log det Sigma / 2 + dim/2 (1 + log 2 pi)``.
+  (matrix determinant lemma), ``H = log det Sigma / 2 + dim/2 (1 + log 2 pi)``;
+* full-rank (vijax's parameterisation): ``theta = loc + L eps``, ``L = diag(s) (I + N)`` with
+  ``N`` strictly lower triangular, ``H = sum log s + dim/2 (1 + log 2 pi)``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,25 @@ def _lowrank(dim: int, rank: int):
     return init, draw, entropy
 
 
+def _fullrank(dim: int):
+    """vijax's parameterisation: ``L = diag(s) (I + strict_lower(raw_tril))``,
+    ``s = softplus(raw_diag)``, so ``H = sum log s + dim/2 (1 + log 2 pi)``."""
+    def init(key, loc):
+        del key
+        return {"loc": loc, "raw_tril": jnp.zeros((dim, dim)),
+                "raw_diag": jnp.full_like(loc, _softplus_inverse(0.1))}
+
+    def draw(key, p):
+        scale_tril = jax.nn.softplus(p["raw_diag"])[:, None] * (
+            jnp.tril(p["raw_tril"], -1) + jnp.eye(dim))
+        return p["loc"] + scale_tril @ jax.random.normal(key, (dim,))
+
+    def entropy(p):
+        return jnp.sum(jnp.log(jax.nn.softplus(p["raw_diag"]))) + dim * _HALF_LOG_2PI_E
+
+    return init, draw, entropy
+
+
 def make_floor(log_density: Callable[[jax.Array, Any], jax.Array], dim: int, guide: str,
                rank: int, num_particles: int, optimizer: optax.GradientTransformation):
     """Build the floor for one configuration.
@@ -72,7 +93,7 @@ def make_floor(log_density: Callable[[jax.Array, Any], jax.Array], dim: int, gui
     Args:
         log_density: ``(theta (dim,), data) -> scalar`` unconstrained log density.
         dim: length of ``theta``.
-        guide: ``"meanfield"`` or ``"lowrank"``.
+        guide: ``"meanfield"``, ``"lowrank"`` or ``"fullrank"``.
         rank: columns of ``W`` for the low-rank guide.
         num_particles: K draws per gradient estimate.
         optimizer: optax transformation.
@@ -83,7 +104,8 @@ def make_floor(log_density: Callable[[jax.Array, Any], jax.Array], dim: int, gui
         ``run(params, opt_state, data, key, steps) -> (params, opt_state, losses (steps,))``
         (``steps`` static: one compiled program per length).
     """
-    init_q, draw, entropy = _meanfield(dim) if guide == "meanfield" else _lowrank(dim, rank)
+    init_q, draw, entropy = (_meanfield(dim) if guide == "meanfield" else _fullrank(dim)
+                             if guide == "fullrank" else _lowrank(dim, rank))
 
     def neg_elbo(params, key, data):
         if num_particles == 1:

@@ -17,7 +17,7 @@ points, dim 205). Guides: mean-field, low-rank (rank ``round(sqrt(dim))``) and f
   ``fullrank_vi`` ``step`` in a jitted ``lax.scan`` (its STL gradient estimator, its own
   initial scales: mean-field ``exp(-2)``, full-rank identity; the mean starts where the others
   start). Its ``info.elbo`` is ``mean(log q - log p)``, a loss like the others'.
-* **floor**: ``floor.py`` (mean-field, low-rank) and :func:`make_fullrank_floor` here: the
+* **floor**: ``floor.py`` (mean-field, low-rank, full-rank): the
   reparameterised ELBO with the closed-form entropy, ``value_and_grad``, one optax update, in
   one jitted ``lax.scan``; nothing else.
 
@@ -72,11 +72,11 @@ from numpyro.infer.util import log_density as numpyro_log_density
 
 import vijax as vj
 from benchmarks.bench_core import REPO_ROOT, _device_data, _rank, _tail_mean, _time
-from benchmarks.floor import _HALF_LOG_2PI_E, _softplus_inverse, make_floor
+from benchmarks.floor import make_floor
 from benchmarks.workloads import Workload, get_workload
 from vijax.fit import _pipeline
 
-__all__ = ["run", "to_markdown", "make_fullrank_floor", "time_to_converged"]
+__all__ = ["run", "to_markdown", "time_to_converged"]
 
 TOOLS = ("vijax", "numpyro", "blackjax", "floor")
 GUIDES = ("meanfield", "lowrank", "fullrank")
@@ -118,54 +118,6 @@ def applies(tool: str, guide: str, dim: int) -> bool:
     return not (tool == "blackjax" and (guide == "lowrank" or blackjax_version() is None))
 
 
-# ---------------------------------------------------------------------------------------------
-# the full-rank floor (floor.py has mean-field and low-rank)
-def make_fullrank_floor(log_density: Callable[[jax.Array, Any], jax.Array], dim: int,
-                        num_particles: int, optimizer: optax.GradientTransformation):
-    """The floor for a full-rank Gaussian, vijax's parameterisation: ``theta = loc + L eps``,
-    ``L = diag(s) (I + strict_lower(raw_tril))``, ``s = softplus(raw_diag)``, entropy
-    ``H = sum log diag(L) + dim/2 (1 + log 2 pi)``; otherwise as :func:`floor.make_floor`.
-
-    Returns:
-        ``(init, run)`` as :func:`floor.make_floor`.
-    """
-
-    def draw(key, p):
-        scale_tril = jax.nn.softplus(p["raw_diag"])[:, None] * (
-            jnp.tril(p["raw_tril"], -1) + jnp.eye(dim))
-        return p["loc"] + scale_tril @ jax.random.normal(key, (dim,))
-
-    def entropy(p):
-        return jnp.sum(jnp.log(jax.nn.softplus(p["raw_diag"]))) + dim * _HALF_LOG_2PI_E
-
-    def neg_elbo(params, key, data):
-        if num_particles == 1:
-            return -(log_density(draw(key, params), data) + entropy(params))
-        thetas = jax.vmap(draw, in_axes=(0, None))(jax.random.split(key, num_particles), params)
-        log_p = jax.vmap(log_density, in_axes=(0, None))(thetas, data)
-        return -(jnp.mean(log_p) + entropy(params))
-
-    @jax.jit
-    def init(key):
-        k_loc, _ = jax.random.split(key)
-        loc = jax.random.uniform(k_loc, (dim,), minval=-2.0, maxval=2.0)
-        params = {"loc": loc, "raw_tril": jnp.zeros((dim, dim)),
-                  "raw_diag": jnp.full_like(loc, _softplus_inverse(0.1))}
-        return params, optimizer.init(params)
-
-    @functools.partial(jax.jit, static_argnames="steps")
-    def run(params, opt_state, data, key, steps):
-        def step(carry, k):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(neg_elbo)(params, k, data)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
-                                                   jax.random.split(key, steps))
-        return params, opt_state, losses
-
-    return init, run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,10 +228,7 @@ def _blackjax_session(wl: Workload, guide: str, k: int, steps: int) -> Session:
 
 def _floor_session(wl: Workload, guide: str, k: int, steps: int) -> Session:
     optimizer = optax.adam(LEARNING_RATE)
-    if guide == "fullrank":
-        init, run = make_fullrank_floor(wl.log_density, wl.dim, k, optimizer)
-    else:
-        init, run = make_floor(wl.log_density, wl.dim, guide, _rank(wl.dim), k, optimizer)
+    init, run = make_floor(wl.log_density, wl.dim, guide, _rank(wl.dim), k, optimizer)
 
     def fit(data, seed):
         k_init, k_run = jax.random.split(jax.random.key(seed))
