@@ -247,13 +247,9 @@ def bench_config(cfg: Config, args) -> dict:
         if args.first_fit == "inproc":
             res[tool].update(first_fit_s=seconds, final_loss=_tail_mean(losses))
 
-    calls = {tool: session.chunk(data0, args.chunk) for tool, session in sessions.items()}
-    for call in calls.values():
-        call()  # compile and warm up
-    per_step: dict[str, list[float]] = {tool: [] for tool in TOOLS}
-    for _ in range(args.repeats):
-        for tool, call in calls.items():
-            per_step[tool].append(_time(call)[0] / args.chunk * 1e6)
+    per_step = interleaved_us_per_step(
+        {tool: session.chunk(data0, args.chunk) for tool, session in sessions.items()},
+        args.chunk, args.repeats)
     repeat: dict[str, list[float]] = {tool: [] for tool in TOOLS}
     for i, d in enumerate(new_data):
         for tool, session in sessions.items():
@@ -321,10 +317,7 @@ def to_markdown(report: dict) -> str:
     lines = [
         "# vijax core benchmark",
         "",
-        f"{m['date']} · {m['platform']} · {m['processor']} · {m['cpu_count']} CPUs · "
-        f"backend {m['backend']} · jax {m['jax']} · numpyro {m['numpyro']} · "
-        f"optax {m['optax']} · vijax {m['vijax']} ({m['vijax_commit']}) · load average "
-        f"{m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end",
+        machine_line(m),
         "",
         f"Settings: {s['steps']} steps per fit, `optax.adam({LEARNING_RATE})` for all three, "
         f"steady state = median of {s['repeats']} chunks of {s['chunk']} steps, repeat fit = "
@@ -361,6 +354,30 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {c['workload']} | {c['guide']} | {c['particles']} | "
                      + " | ".join(f"{row[t]['final_loss']:.2f}" for t in TOOLS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def machine_line(m: dict, total_wall_s: float | None = None) -> str:
+    """The report's one-line header: date, machine, backend, versions, commit, load (and the
+    run's total wall time)."""
+    line = (f"{m['date']} · {m['platform']} · {m['processor']} · {m['cpu_count']} CPUs · "
+            f"backend {m['backend']} · jax {m['jax']} · numpyro {m['numpyro']} · "
+            f"optax {m['optax']} · vijax {m['vijax']} ({m['vijax_commit']}) · load average "
+            f"{m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end")
+    return line if total_wall_s is None else f"{line} · total {total_wall_s:.0f} s"
+
+
+def interleaved_us_per_step(calls: dict[str, Callable[[], Any]], chunk: int,
+                            repeats: int) -> dict[str, list[float]]:
+    """µs/step of each ``calls[name]()`` (one compiled chunk of ``chunk`` steps that blocks
+    until done): one warm-up call each, then ``repeats`` rounds, round robin, so that load
+    drift hits every method alike."""
+    for call in calls.values():
+        call()  # compile and warm up
+    per_step: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            per_step[name].append(_time(call)[0] / chunk * 1e6)
+    return per_step
 
 
 def base_parser(module: str, doc: str | None, quick_help: str) -> argparse.ArgumentParser:

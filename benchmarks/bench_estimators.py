@@ -52,7 +52,13 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 
 import vijax as vj
-from benchmarks.bench_core import base_parser, machine_info, write_report
+from benchmarks.bench_core import (
+    base_parser,
+    interleaved_us_per_step,
+    machine_info,
+    machine_line,
+    write_report,
+)
 from benchmarks.estimator_workloads import WORKLOADS, EstWorkload, get_workload
 from vijax.fit import _pipeline
 from vijax.guides.resolve import build_guide, resolve_spec
@@ -413,15 +419,8 @@ def bench_workload(name: str, args) -> dict[str, Any]:
               f"{_fmt(late_snr['logits'])}  neg-ELBO {r['neg_elbo']:.2f}  "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    calls = {m: sessions[m].chunk(chunk) for m in methods}
-    for call in calls.values():
-        call()  # compile and warm up
-    per_step: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(args.repeats):
-        for m, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            per_step[m].append((time.perf_counter() - t0) / chunk * 1e6)
+    per_step = interleaved_us_per_step({m: sessions[m].chunk(chunk) for m in methods}, chunk,
+                                       args.repeats)
     for m in methods:
         r = row["methods"][m]
         r.update(us_per_step=statistics.median(per_step[m]), us_per_step_min=min(per_step[m]),
@@ -512,11 +511,7 @@ def to_markdown(report: dict) -> str:
     lines = [
         "# vijax gradient-estimator benchmark",
         "",
-        f"{m['date']} · {m['platform']} · {m['processor']} · {m['cpu_count']} CPUs · "
-        f"backend {m['backend']} · jax {m['jax']} · numpyro {m['numpyro']} · "
-        f"optax {m['optax']} · vijax {m['vijax']} ({m['vijax_commit']}) · load average "
-        f"{m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end · total "
-        f"{s['total_wall_s']:.0f} s",
+        machine_line(m, s["total_wall_s"]),
         "",
         f"Settings: mean-field guide and K = {s['particles']} particles per gradient estimate "
         f"for every method. SNR: {s['draws']:,} independent gradient estimates at two points "

@@ -58,7 +58,13 @@ from numpyro.infer.autoguide import AutoBNAFNormal, AutoIAFNormal
 from numpyro.infer.util import log_density as numpyro_log_density
 
 import vijax as vj
-from benchmarks.bench_core import base_parser, machine_info, write_report
+from benchmarks.bench_core import (
+    base_parser,
+    interleaved_us_per_step,
+    machine_info,
+    machine_line,
+    write_report,
+)
 from benchmarks.flow_targets import TARGETS, FlowTarget, concentrations, get_target
 from vijax.fit import _pipeline
 from vijax.guides.flow import default_hidden, default_layers
@@ -402,15 +408,7 @@ def steady_state(target: FlowTarget, methods: list[str], args,
     fit ran, so an in-process session compiles nothing more.)"""
     calls = {m: (sessions.get(m) or make_session(target, m, args)).chunk(args.chunk)
              for m in methods}
-    for call in calls.values():
-        call()  # compile and warm up
-    per_step: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(args.repeats):
-        for m, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            per_step[m].append((time.perf_counter() - t0) / args.chunk * 1e6)
-    return per_step
+    return interleaved_us_per_step(calls, args.chunk, args.repeats)
 
 
 def bench_target(name: str, args) -> dict[str, Any]:
@@ -485,11 +483,7 @@ def to_markdown(report: dict) -> str:
     lines = [
         "# vijax flow benchmark",
         "",
-        f"{m['date']} · {m['platform']} · {m['processor']} · {m['cpu_count']} CPUs · "
-        f"backend {m['backend']} · jax {m['jax']} · numpyro {m['numpyro']} · "
-        f"optax {m['optax']} · vijax {m['vijax']} ({m['vijax_commit']}) · load average "
-        f"{m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end · total "
-        f"{s['total_wall_s']:.0f} s",
+        machine_line(m, s["total_wall_s"]),
         "",
         f"Settings: {s['steps']} steps and K = {s['particles']} particles per gradient for every "
         f"method; vijax with its defaults (Adam, step size 0.05 fullrank / 0.01 IAF / 0.003 "

@@ -67,7 +67,12 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.util import log_density as numpyro_log_density
 
 import vijax as vj
-from benchmarks.bench_core import base_parser, machine_info, write_report
+from benchmarks.bench_core import (
+    base_parser,
+    machine_info,
+    machine_line,
+    write_report,
+)
 from benchmarks.workloads import get_workload
 
 LEARNING_RATE = 1e-2
@@ -357,11 +362,7 @@ def to_markdown(report: dict) -> str:
     lines = [
         "# vijax fit_many benchmark",
         "",
-        f"{m['date']} · {m['platform']} · {m['processor']} · {m['cpu_count']} CPUs · "
-        f"backend {m['backend']} · jax {m['jax']} · numpyro {m['numpyro']} · "
-        f"optax {m['optax']} · vijax {m['vijax']} ({m['vijax_commit']}) · load average "
-        f"{m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end · total "
-        f"{s['total_wall_s']:.0f} s",
+        machine_line(m, s["total_wall_s"]),
         "",
         f"Settings: mean-field guide, K = 1, {s['steps']} steps per fit with "
         f"`convergence=None`, Adam {LEARNING_RATE} constant (`optax.adam` for vijax, "
