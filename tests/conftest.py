@@ -83,3 +83,14 @@ def count_compiles():
         yield count
     finally:
         count[0] = _COMPILES[0] - start
+
+
+def raw_fit(model, data=None, **kw):
+    """``vj.fit`` with the pre-preconditioning defaults (a mean-field guide fitted in the
+    model's own coordinates), for tests of the loop's mechanics (stopping, resume, guards,
+    checkpoints, lanes) that must not depend on the default's extra stages. Tests of the
+    defaults themselves call ``vj.fit`` (tests/test_defaults.py)."""
+    if kw.get("resume") is None:
+        kw.setdefault("guide", "meanfield")
+        kw.setdefault("precondition", None)
+    return vj.fit(model, data, **kw)

@@ -16,6 +16,7 @@ import pytest
 from numpyro.distributions import constraints
 
 import vijax as vj
+from tests.conftest import raw_fit
 
 # the modules (vijax/__init__ exports no functions under these names, but be explicit)
 ax_mod = importlib.import_module("vijax.arviz_export")
@@ -38,7 +39,7 @@ SHAPES = {"mu": (), "tau": (), "theta": (2, 3), "k": ()}
 
 @pytest.fixture(scope="module")
 def res():
-    return vj.fit(toy, jax.numpy.asarray([0.5, 1.0, 1.5]), steps=200, key=jax.random.key(0),
+    return raw_fit(toy, jax.numpy.asarray([0.5, 1.0, 1.5]), steps=200, key=jax.random.key(0),
                   convergence=None, progress=False, psis_draws=0)
 
 

@@ -18,7 +18,7 @@ import pytest
 from numpyro.distributions import constraints
 
 import vijax as vj
-from tests.conftest import precision
+from tests.conftest import precision, raw_fit
 
 MEAN_TOL = 0.05  # in posterior sd
 COV_TOL = {"fullrank": 0.1, "lowrank": 0.2, "meanfield": 0.1}
@@ -44,7 +44,7 @@ def _covariance(guide_name, params):
 def test_linear_regression_gaussian_guides(blr, blr_model, guide, dtype):
     spec = vj.guides.LowRank(rank=blr.D) if guide == "lowrank" else guide
     with precision(dtype) as dt:
-        res = vj.fit(blr_model, blr.data, guide=spec, steps=4000, num_particles=8,
+        res = raw_fit(blr_model, blr.data, guide=spec, steps=4000, num_particles=8,
                      key=jax.random.key(1))
         assert res.params["loc"].dtype == dt
         # the default stopping rule ends the fit; its averaged iterate must be as accurate
@@ -67,7 +67,7 @@ def test_delta_is_map(blr, blr_model, dtype):
     # the linear-regression posterior is Gaussian: its mode is its mean (deterministic
     # optimisation, so the tolerance is optimiser convergence, not Monte Carlo error)
     with precision(dtype):
-        res = vj.fit(blr_model, blr.data, guide="delta", steps=3000, key=jax.random.key(0))
+        res = raw_fit(blr_model, blr.data, guide="delta", steps=3000, key=jax.random.key(0))
         draws = res.sample(jax.random.key(0), 3)["w"]
     np.testing.assert_array_equal(draws[0], draws[2])
     sd = np.sqrt(np.diag(blr.cov))
@@ -78,7 +78,7 @@ def test_delta_map_is_the_constrained_mode():
     # p(t) = Gamma(3, 2): the mode of t is (3 - 1) / 2 = 1; the mode of log t would be 3/2.
     m = vj.Model(lambda z, d: dist.Gamma(3.0, 2.0).log_prob(z["t"]),
                  {"t": vj.Latent(support=constraints.positive)})
-    res = vj.fit(m, guide="delta", steps=2000, key=jax.random.key(0))
+    res = raw_fit(m, guide="delta", steps=2000, key=jax.random.key(0))
     np.testing.assert_allclose(res.mean()["t"], 1.0, rtol=1e-3)
 
 
@@ -92,7 +92,7 @@ def test_normal_normal_with_positive_latent_summary():
                  + dist.Normal(z["mu"], 1.0).log_prob(d).sum()
                  + dist.LogNormal(0.0, 0.5).log_prob(z["s"]),
                  {"mu": vj.Latent(), "s": vj.Latent(support=constraints.positive)})
-    res = vj.fit(m, y, guide="meanfield", steps=4000, num_particles=8, key=jax.random.key(3))
+    res = raw_fit(m, y, guide="meanfield", steps=4000, num_particles=8, key=jax.random.key(3))
     s = res.summary(n=20000)
     # Monte Carlo error of summary stats from 20,000 draws: mean 0.007 sd, sd 0.005 sd
     post_sd = 1 / np.sqrt(prec)
@@ -108,7 +108,7 @@ def test_normal_normal_with_positive_latent_summary():
 def test_structured_guide_blocks(blr, blr_model):
     m = vj.Model(lambda z, d: blr_model.log_joint({"w": jnp.stack([z["a"], *z["b"]])}, d),
                  {"a": vj.Latent(), "b": vj.Latent(shape=(2,))})
-    res = vj.fit(m, blr.data, guide={"a": "meanfield", "b": vj.guides.FullRank()}, steps=4000,
+    res = raw_fit(m, blr.data, guide={"a": "meanfield", "b": vj.guides.FullRank()}, steps=4000,
                  num_particles=8, key=jax.random.key(0))
     assert res.guide.name == "structured(a:meanfield, b:fullrank)"
     mean = np.concatenate([np.atleast_1d(res.mean()["a"]), res.mean()["b"]])

@@ -14,6 +14,7 @@ import pytest
 from numpyro.distributions import constraints
 
 import vijax as vj
+from tests.conftest import raw_fit
 from vijax.guides.base import softplus, softplus_inverse
 from vijax.guides.resolve import build_guide, resolve_spec
 from vijax.objective import make_objective
@@ -175,7 +176,7 @@ def _exact_kl(res) -> float:
 
 
 def test_discrete_latents_are_fitted_to_the_exact_posterior():
-    res = vj.fit(DISCRETE, Y3, steps=1500, key=jax.random.key(0))
+    res = raw_fit(DISCRETE, Y3, steps=1500, key=jax.random.key(0))
     assert res.diagnostics.num_particles == 8
     assert "rloo" in res.diagnostics.estimator and "z, b" in res.diagnostics.estimator
     kl = _exact_kl(res)
@@ -215,7 +216,7 @@ def GMM(p, y):
 
 
 def test_mixed_discrete_and_continuous_model_trains_stably():
-    res = vj.fit(GMM, GMM_Y, steps=1500, key=jax.random.key(0))
+    res = raw_fit(GMM, GMM_Y, steps=1500, key=jax.random.key(0))
     assert res.diagnostics.n_nonfinite_skipped == 0
     assert np.all(np.isfinite(res.losses))
     probs = np.asarray(jax.nn.softmax(res.params["discrete"]["z"]))[:, 1]
@@ -232,7 +233,7 @@ def test_mixed_discrete_and_continuous_model_trains_stably():
 @pytest.mark.parametrize("guide", ["delta", "lowrank", "iaf"])
 def test_discrete_latents_with_other_guides(guide):
     spec = vj.guides.IAF(num_layers=2, hidden=(8,)) if guide == "iaf" else guide
-    res = vj.fit(GMM, GMM_Y, guide=spec, steps=300, key=jax.random.key(0))
+    res = raw_fit(GMM, GMM_Y, guide=spec, steps=300, key=jax.random.key(0))
     assert res.guide.name.endswith("+categorical")
     assert np.isfinite(res.diagnostics.final_loss)
 
@@ -251,7 +252,7 @@ def test_every_estimator_with_every_guide_family(estimator, guide):
     spec = {"iaf": vj.guides.IAF(num_layers=2, hidden=(8,)),
             "realnvp": vj.guides.RealNVP(num_layers=2, hidden=(8,)),
             "spline": vj.guides.Spline(num_layers=2, hidden=(8,))}.get(guide, guide)
-    res = vj.fit(GAUSS_3D, guide=spec, steps=20, num_particles=2, estimator=estimator,
+    res = raw_fit(GAUSS_3D, guide=spec, steps=20, num_particles=2, estimator=estimator,
                  chunk_size=20, key=jax.random.key(0))
     assert res.losses.shape == (20,) and np.all(np.isfinite(res.losses))
     assert res.diagnostics.objective == {"iwae": "neg_iwae_bound", "dreg": "neg_iwae_bound",
@@ -262,7 +263,7 @@ def test_estimator_in_float64():
     from conftest import precision
 
     with precision("float64"):
-        res = vj.fit(GAUSS_3D, steps=50, num_particles=2, estimator="dreg",
+        res = raw_fit(GAUSS_3D, steps=50, num_particles=2, estimator="dreg",
                      key=jax.random.key(0))
     assert res.losses.dtype == np.float64
 
@@ -270,9 +271,9 @@ def test_estimator_in_float64():
 # --- validation -------------------------------------------------------------------------------
 def test_estimator_validation():
     with pytest.raises(ValueError, match="unknown estimator 'elbo'"):
-        vj.fit(GAUSS_1D, estimator="elbo")
+        raw_fit(GAUSS_1D, estimator="elbo")
     with pytest.raises(TypeError, match="estimator must be one of"):
-        vj.fit(GAUSS_1D, estimator=3)
+        raw_fit(GAUSS_1D, estimator=3)
     with pytest.raises(ValueError, match="alpha = 1 is the ELBO"):
         vj.estimators.Renyi(alpha=1.0)
     with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
@@ -282,9 +283,9 @@ def test_estimator_validation():
     with pytest.raises(ValueError, match="decay must be in"):
         vj.estimators.Score(baseline="ema", decay=1.0)
     with pytest.raises(ValueError, match="needs num_particles >= 2, got 1"):
-        vj.fit(GAUSS_1D, estimator="score", steps=5)
+        raw_fit(GAUSS_1D, estimator="score", steps=5)
     with pytest.raises(ValueError, match="point mass.*'iwae' needs one"):
-        vj.fit(GAUSS_1D, guide="delta", estimator="iwae", steps=5)
+        raw_fit(GAUSS_1D, guide="delta", estimator="iwae", steps=5)
 
 
 def test_discrete_latent_validation():
@@ -294,8 +295,8 @@ def test_discrete_latent_validation():
     with pytest.raises(ValueError, match="'n' has 100001 values per element"):
         vj.Model(lp, {"n": vj.Latent(support=constraints.integer_interval(0, 100_000))})
     with pytest.raises(ValueError, match="discrete latent\\(s\\) \\['z'\\] get a categorical"):
-        vj.fit(GMM, GMM_Y, guide={"mu": "meanfield", "z": "meanfield"}, steps=5)
+        raw_fit(GMM, GMM_Y, guide={"mu": "meanfield", "z": "meanfield"}, steps=5)
     with pytest.raises(ValueError, match="discrete latent 'z': value .* is not integer"):
-        vj.fit(GMM, GMM_Y, init={"z": np.full(12, 0.5)}, steps=5)
+        raw_fit(GMM, GMM_Y, init={"z": np.full(12, 0.5)}, steps=5)
     with pytest.raises(ValueError, match="latent 'z': value .* outside its support"):
-        vj.fit(GMM, GMM_Y, init={"z": np.full(12, 2)}, steps=5)
+        raw_fit(GMM, GMM_Y, init={"z": np.full(12, 2)}, steps=5)

@@ -17,6 +17,7 @@ import numpyro.distributions as dist
 import pytest
 
 import vijax as vj
+from tests.conftest import raw_fit
 
 S = 16_000
 
@@ -46,7 +47,7 @@ TARGETS = {
 @functools.cache
 def _score(target: str, guide: str):
     # the same step budget for every guide (no early stopping); k-hat computed below
-    res = vj.fit(TARGETS[target], guide=guide, steps=2000, num_particles=4,
+    res = raw_fit(TARGETS[target], guide=guide, steps=2000, num_particles=4,
                  key=jax.random.key(0), convergence=None, psis_draws=0, progress=False)
     g, t = res.guide, res.target
 

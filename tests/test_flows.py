@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import vijax as vj
-from tests.conftest import precision
+from tests.conftest import precision, raw_fit
 from vijax.guides import build_guide, resolve_spec
 from vijax.guides.coupling import affine_coupling_layer, spline_coupling_layer
 from vijax.guides.iaf import iaf_layer
@@ -140,11 +140,11 @@ def test_flow_config_validation():
     one = vj.Model(lambda z, d: -z["mu"] ** 2, {"mu": vj.Latent()})
     for name in ("spline", "realnvp"):
         with pytest.raises(ValueError, match=r"\['mu'\] have 1.*guide='iaf'"):
-            vj.fit(one, guide=name)
+            raw_fit(one, guide=name)
     two = vj.Model(lambda z, d: -jnp.sum(z["a"] ** 2) - z["b"] ** 2,
                    {"a": vj.Latent((2,)), "b": vj.Latent()})
     with pytest.raises(ValueError, match=r"guide block \['b'\].*\['b'\] have 1"):
-        vj.fit(two, guide={"a": "spline", "b": "spline"})
+        raw_fit(two, guide={"a": "spline", "b": "spline"})
 
 
 def _banana_plus(z, d):
@@ -158,9 +158,9 @@ BANANA_PLUS = vj.Model(_banana_plus, {"x": vj.Latent((2,)), "w": vj.Latent()})
 
 def test_flow_block_in_structured_guide_and_warm_start():
     small = vj.guides.Spline(num_layers=2, num_bins=4, hidden=(8,))
-    mf = vj.fit(BANANA_PLUS, guide="meanfield", steps=500, key=jax.random.key(0),
+    mf = raw_fit(BANANA_PLUS, guide="meanfield", steps=500, key=jax.random.key(0),
                 psis_draws=0)
-    res = vj.fit(BANANA_PLUS, guide={"x": small, "w": "meanfield"}, steps=500,
+    res = raw_fit(BANANA_PLUS, guide={"x": small, "w": "meanfield"}, steps=500,
                  num_particles=2, key=jax.random.key(1), init_from=mf, psis_draws=0)
     assert res.guide.name == "structured(x:spline, w:meanfield)"
     assert res.guide.entropy is None and res.guide.mean is None
@@ -168,22 +168,22 @@ def test_flow_block_in_structured_guide_and_warm_start():
     assert abs(float(res.mean()["w"]) - 1.0) < 0.05
     assert np.isfinite(res.diagnostics.final_loss)
     # a flow whose base is the fitted family starts exactly as that fit
-    warm = vj.fit(BANANA_PLUS, guide=vj.guides.IAF(num_layers=2, hidden=(8,)), steps=1,
+    warm = raw_fit(BANANA_PLUS, guide=vj.guides.IAF(num_layers=2, hidden=(8,)), steps=1,
                   optimizer=optax.sgd(0.0), key=jax.random.key(2), init_from=mf,
                   psis_draws=0)
     for name in ("loc", "raw_scale"):
         np.testing.assert_array_equal(warm.params["base"][name], mf.params[name])
     with pytest.raises(ValueError, match="init or init_from"):
-        vj.fit(BANANA_PLUS, init={"w": 1.0}, init_from=mf)
+        raw_fit(BANANA_PLUS, init={"w": 1.0}, init_from=mf)
     other = vj.Model(lambda z, d: -jnp.sum(z["x"] ** 2) - z["v"] ** 2,
                      {"x": vj.Latent((2,)), "v": vj.Latent()})
     with pytest.raises(ValueError, match="do not match"):
-        vj.fit(other, init_from=mf)
+        raw_fit(other, init_from=mf)
 
 
 def test_flow_fit_in_float64():
     with precision("float64"):
-        res = vj.fit(BANANA_PLUS, guide=vj.guides.RealNVP(num_layers=2, hidden=(8,)),
+        res = raw_fit(BANANA_PLUS, guide=vj.guides.RealNVP(num_layers=2, hidden=(8,)),
                      steps=300, key=jax.random.key(0))
         draws = res.sample(jax.random.key(1), 5)
     assert res.losses.dtype == np.float64 and draws["x"].dtype == np.float64

@@ -13,7 +13,7 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 import pytest
-from conftest import precision
+from conftest import precision, raw_fit
 from numpyro.distributions import constraints
 
 import vijax as vj
@@ -41,7 +41,7 @@ def mixed(z, y):
 
 
 def _fit(model, **kwargs):
-    return vj.fit(model, Y, steps=30, key=jax.random.key(1), **kwargs)
+    return raw_fit(model, Y, steps=30, key=jax.random.key(1), **kwargs)
 
 
 def _fit_fast(model, **kwargs):

@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 import vijax as vj
+from tests.conftest import raw_fit
 
 Y = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, 30))
 
@@ -28,7 +29,7 @@ def test_lanes_equal_separate_fits():
     many = vj.fit_many(NORMAL, YS, data_axes=0, keys=KEYS, progress=False)
     assert len(many) == 3 and many.errors == [None, None, None]
     for i in range(3):
-        one = vj.fit(NORMAL, YS[i], key=KEYS[i], progress=False)
+        one = raw_fit(NORMAL, YS[i], key=KEYS[i], progress=False)
         lane = many[i]
         assert lane.diagnostics.n_steps == one.diagnostics.n_steps
         assert lane.diagnostics.converged == one.diagnostics.converged
@@ -143,7 +144,7 @@ def test_simulation_based_calibration():
 
 # --- Laplace ------------------------------------------------------------------------------------
 def test_laplace_matches_the_exact_linear_regression_posterior(blr, blr_model):
-    res = vj.fit(blr_model, blr.data, guide="laplace", progress=False, key=jax.random.key(0))
+    res = raw_fit(blr_model, blr.data, guide="laplace", progress=False, key=jax.random.key(0))
     assert res.guide.name == "laplace" and res.guide_spec == vj.guides.Laplace()
     sd = np.sqrt(np.diag(blr.cov))
     np.testing.assert_array_less(np.abs(np.asarray(res.params["loc"]) - blr.mean) / sd, 1e-3)
@@ -152,7 +153,7 @@ def test_laplace_matches_the_exact_linear_regression_posterior(blr, blr_model):
     # the Gaussian posterior is exactly Gaussian: importance ratios are constant
     assert res.diagnostics.k_hat < 0.3
     with pytest.raises(ValueError, match="no loop state to continue"):
-        vj.fit(blr_model, blr.data, resume=res)
+        raw_fit(blr_model, blr.data, resume=res)
 
 
 def test_laplace_refuses_a_saddle_and_names_the_latents():
@@ -160,10 +161,10 @@ def test_laplace_refuses_a_saddle_and_names_the_latents():
     m = vj.Model(lambda z, d: -0.5 * z["x"] ** 2 + 0.5 * z["y"] ** 2 - 0.25 * z["y"] ** 4
                  + 0.0 * jnp.sum(z["x"]), {"x": vj.Latent(), "y": vj.Latent()})
     with pytest.raises(ValueError, match=r"not positive definite .*latent\(s\) \['y'\]"):
-        vj.fit(m, guide="laplace", init={"x": 0.3, "y": 0.0}, progress=False,
+        raw_fit(m, guide="laplace", init={"x": 0.3, "y": 0.0}, progress=False,
                optimizer=__import__("optax").sgd(0.1))
     with pytest.raises(ValueError, match="'laplace' applies to the whole model"):
-        vj.fit(m, guide={"x": "laplace", "y": "meanfield"})
+        raw_fit(m, guide={"x": "laplace", "y": "meanfield"})
 
 
 # --- the ladder -----------------------------------------------------------------------------------
@@ -178,17 +179,17 @@ NO_LAPLACE = vj.guides.Ladder(rungs=("delta", "meanfield", "lowrank", "fullrank"
 
 
 def test_ladder_stops_at_meanfield_on_an_independent_gaussian():
-    res = vj.fit(INDEPENDENT, guide=NO_LAPLACE, progress=False, key=jax.random.key(0))
+    res = raw_fit(INDEPENDENT, guide=NO_LAPLACE, progress=False, key=jax.random.key(0))
     d = res.diagnostics
     assert d.rung == "meanfield" and [r[0] for r in d.ladder] == ["delta", "meanfield"]
     assert d.k_hat < 0.7 and all(r[3] > 0 and r[4] == "" for r in d.ladder)
     # (the default ladder, Laplace then a whitened full-rank Gaussian: test_whitened.py)
     only = vj.guides.Ladder(rungs=("delta", "laplace"))  # no variational rung: laplace is final
-    assert vj.fit(INDEPENDENT, guide=only, progress=False).diagnostics.rung == "laplace"
+    assert raw_fit(INDEPENDENT, guide=only, progress=False).diagnostics.rung == "laplace"
 
 
 def test_ladder_climbs_past_meanfield_on_a_correlated_gaussian():
-    res = vj.fit(CORRELATED, guide=NO_LAPLACE, progress=False, key=jax.random.key(0))
+    res = raw_fit(CORRELATED, guide=NO_LAPLACE, progress=False, key=jax.random.key(0))
     d = res.diagnostics
     rungs = [r[0] for r in d.ladder]
     assert rungs[:2] == ["delta", "meanfield"] and d.rung in ("lowrank", "fullrank", "iaf")
@@ -200,7 +201,7 @@ def test_ladder_skips_a_rung_that_cannot_be_fitted():
     # the saddle of test_laplace_refuses_a_saddle...: laplace fails, the ladder goes on
     m = vj.Model(lambda z, d: -0.5 * z["x"] ** 2 + 0.5 * z["y"] ** 2 - 0.25 * z["y"] ** 4,
                  {"x": vj.Latent(), "y": vj.Latent()})
-    res = vj.fit(m, guide=vj.guides.Ladder(rungs=("laplace", "meanfield")), progress=False,
+    res = raw_fit(m, guide=vj.guides.Ladder(rungs=("laplace", "meanfield")), progress=False,
                  key=jax.random.key(0), optimizer=__import__("optax").sgd(0.1),
                  init={"x": 0.3, "y": 0.0})
     rungs = res.diagnostics.ladder
@@ -209,4 +210,4 @@ def test_ladder_skips_a_rung_that_cannot_be_fitted():
     with pytest.raises(ValueError, match="Ladder rungs must be a non-empty sub-sequence"):
         vj.guides.Ladder(rungs=("meanfield", "delta"))
     with pytest.raises(ValueError, match="psis_draws must be > 0"):
-        vj.fit(CORRELATED, guide="auto", psis_draws=0)
+        raw_fit(CORRELATED, guide="auto", psis_draws=0)

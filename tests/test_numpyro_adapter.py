@@ -11,8 +11,7 @@ import pytest
 from numpyro.distributions import constraints
 from numpyro.infer.util import log_density, potential_energy
 
-import vijax as vj
-from tests.conftest import precision
+from tests.conftest import precision, raw_fit
 from vijax.model import Model
 from vijax.numpyro_adapter import _clear_cache, from_numpyro
 
@@ -180,7 +179,7 @@ def test_categorical_latent_is_fitted_to_the_exact_posterior():
     assert m.latents["k"].shape == (2,)
     support = m.latents["k"].support
     assert (support.lower_bound, support.upper_bound) == (0, 2)
-    res = vj.fit(m, steps=1000, key=jax.random.key(0))
+    res = raw_fit(m, steps=1000, key=jax.random.key(0))
     # exact posterior by enumeration: p(k_g | y) ~ PRIOR_k prod_i N(y_gi | MEANS_k, 1)
     log_post = jnp.log(PRIOR) + dist.Normal(MEANS[:, None, None], 1.0).log_prob(
         Y_GROUPS).sum(-1).T

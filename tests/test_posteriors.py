@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import precision
+from conftest import precision, raw_fit
 from numpyro.infer.util import log_density
 
 import vijax as vj
@@ -101,7 +101,7 @@ def test_fullrank_fit_of_nes_is_accurate():
     # max |log R| 0.011-0.017 over seeds 0-3 ("accurate"); ~1.3 s after an ~7 s compile.
     # With 20,000 steps seeds 0 and 3 only reach SME 0.26-0.28 ("usable").
     post = load("nes2000-nes")
-    res = vj.fit(post.model, post.data, guide="fullrank", steps=30_000, num_particles=8,
+    res = raw_fit(post.model, post.data, guide="fullrank", steps=30_000, num_particles=8,
                  optimizer=vj.default_optimizer(0.01), convergence=None, psis_draws=0,
                  progress=False, key=jax.random.key(0))
     s = score(post, res.sample(jax.random.key(1), 10_000))
@@ -125,7 +125,7 @@ def test_fullrank_fit_of_nes_is_accurate():
 @pytest.mark.parametrize("name", ["sblri-blr", "nes2000-nes"])
 def test_fullrank_default_fit_of_easy_posteriors(name):
     post = load(name)
-    res = vj.fit(post.model, post.data, guide="fullrank", steps=1500, progress=False,
+    res = raw_fit(post.model, post.data, guide="fullrank", steps=1500, progress=False,
                  key=jax.random.key(0))
     s = score(post, res.sample(jax.random.key(1), 10_000))
     assert s["verdict"] == "accurate" or (

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import vijax as vj
-from tests.conftest import LinearRegression, count_compiles
+from tests.conftest import LinearRegression, count_compiles, raw_fit
 
 # the module, not the function vijax/__init__ re-exports under the same name
 pred = importlib.import_module("vijax.predictive")
@@ -23,7 +23,7 @@ N = 50  # draws in the exactness checks: not a multiple of the chunk sizes below
 
 @pytest.fixture(scope="module")
 def res(blr, blr_model):
-    return vj.fit(blr_model, blr.data, guide="fullrank", steps=300, key=jax.random.key(0),
+    return raw_fit(blr_model, blr.data, guide="fullrank", steps=300, key=jax.random.key(0),
                   convergence=None, progress=False, psis_draws=0)
 
 

@@ -10,7 +10,7 @@ import pytest
 from numpyro.distributions import constraints
 
 import vijax as vj
-from tests.conftest import count_compiles
+from tests.conftest import count_compiles, raw_fit
 
 Y = np.array([0.5, -0.3, 1.1])
 
@@ -56,19 +56,19 @@ def test_invalid_shapes_and_supports():
 def test_model_output_checks_happen_before_compiling():
     vector = vj.Model(lambda z, d: dist.Normal(z["mu"], 1).log_prob(d["y"]), {"mu": vj.Latent()})
     with count_compiles() as n, pytest.raises(ValueError, match=r"scalar, got shape \(3,\)"):
-        vj.fit(vector, {"y": Y})
+        raw_fit(vector, {"y": Y})
     assert n[0] == 0
     integer = vj.Model(lambda z, d: jnp.sum(d["y"] > 0), {"mu": vj.Latent()})
     with pytest.raises(TypeError, match="floating-point"):
-        vj.fit(integer, {"y": Y})
+        raw_fit(integer, {"y": Y})
     broken = vj.Model(lambda z, d: z["nope"], {"mu": vj.Latent()})
     with pytest.raises(KeyError, match="log_joint failed when traced"):
-        vj.fit(broken, {"y": Y})
+        raw_fit(broken, {"y": Y})
     fact = vj.Model(log_prior=lambda z: dist.Normal(0, 1).log_prob(z["mu"]),
                     log_likelihood=lambda z, d: dist.Normal(z["mu"], 1).log_prob(d["y"]).sum(),
                     latents={"mu": vj.Latent()})
     with pytest.raises(ValueError, match="one value per observation"):
-        vj.fit(fact, {"y": Y})
+        raw_fit(fact, {"y": Y})
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -76,54 +76,54 @@ def test_non_finite_data_names_the_key(bad):
     y = Y.copy()
     y[1] = bad
     with count_compiles() as n, pytest.raises(ValueError, match=r"data\['y'\].*index \(1,\)"):
-        vj.fit(MODEL, {"y": y})
+        raw_fit(MODEL, {"y": y})
     assert n[0] == 0
     with pytest.raises(TypeError, match=r"data\['y'\] must be numeric"):
-        vj.fit(MODEL, {"y": np.array(["a", "b"])})
+        raw_fit(MODEL, {"y": np.array(["a", "b"])})
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown guide 'meanfeild'.*'delta', 'fullrank'"):
-        vj.fit(MODEL, {"y": Y}, guide="meanfeild")
+        raw_fit(MODEL, {"y": Y}, guide="meanfeild")
     with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
-        vj.fit(MODEL, {"y": Y}, steps=0)
+        raw_fit(MODEL, {"y": Y}, steps=0)
     with pytest.raises(ValueError, match="num_particles must be an int >= 1, got 0"):
-        vj.fit(MODEL, {"y": Y}, num_particles=0)
+        raw_fit(MODEL, {"y": Y}, num_particles=0)
     with pytest.raises(ValueError, match="steps"):
-        vj.fit(MODEL, {"y": Y}, steps=2.5)
+        raw_fit(MODEL, {"y": Y}, steps=2.5)
     with pytest.raises(TypeError, match="optax.GradientTransformation"):
-        vj.fit(MODEL, {"y": Y}, optimizer=0.01)
+        raw_fit(MODEL, {"y": Y}, optimizer=0.01)
     with pytest.raises(TypeError, match="vj.Model"):
-        vj.fit(_normal_model, {"y": Y})
+        raw_fit(_normal_model, {"y": Y})
     with pytest.raises(TypeError, match="PRNG key"):
-        vj.fit(MODEL, {"y": Y}, key="seed")
+        raw_fit(MODEL, {"y": Y}, key="seed")
     with pytest.raises(ValueError, match="average"):
-        vj.fit(MODEL, {"y": Y}, average=1.0)
+        raw_fit(MODEL, {"y": Y}, average=1.0)
     with pytest.raises(ValueError, match="rank=3 is larger than the dimension 2"):
-        vj.fit(SCALE_MODEL, {"y": Y}, guide=vj.guides.LowRank(rank=3))
+        raw_fit(SCALE_MODEL, {"y": Y}, guide=vj.guides.LowRank(rank=3))
     with pytest.raises(ValueError, match="rank must be a positive int"):
         vj.guides.LowRank(rank=0)
     with pytest.raises(ValueError, match="init_scale"):
         vj.guides.MeanField(init_scale=-1.0)
     with pytest.raises(ValueError, match=r"does not cover latent\(s\) \['sigma'\]"):
-        vj.fit(SCALE_MODEL, {"y": Y}, guide={"mu": "meanfield"})
+        raw_fit(SCALE_MODEL, {"y": Y}, guide={"mu": "meanfield"})
     with pytest.raises(ValueError, match="unknown latent 'tau'"):
-        vj.fit(SCALE_MODEL, {"y": Y}, guide={"mu": "meanfield", "sigma": "delta", "tau": "delta"})
+        raw_fit(SCALE_MODEL, {"y": Y}, guide={"mu": "meanfield", "sigma": "delta", "tau": "delta"})
     with pytest.raises(ValueError, match="unknown guide 'flow' for latent"):
-        vj.fit(SCALE_MODEL, {"y": Y}, guide={"mu": "meanfield", "sigma": "flow"})
+        raw_fit(SCALE_MODEL, {"y": Y}, guide={"mu": "meanfield", "sigma": "flow"})
     with pytest.raises(ValueError, match="float64 needs 64-bit JAX"):
-        vj.fit(MODEL, {"y": Y}, dtype=np.float64)
+        raw_fit(MODEL, {"y": Y}, dtype=np.float64)
 
 
 def test_bad_init_values():
     with pytest.raises(ValueError, match=r"unknown latent name\(s\) \['tau'\]"):
-        vj.fit(SCALE_MODEL, {"y": Y}, init={"tau": 1.0})
+        raw_fit(SCALE_MODEL, {"y": Y}, init={"tau": 1.0})
     with pytest.raises(ValueError, match="'sigma'.*outside its support"):
-        vj.fit(SCALE_MODEL, {"y": Y}, init={"sigma": -1.0})
+        raw_fit(SCALE_MODEL, {"y": Y}, init={"sigma": -1.0})
     with pytest.raises(ValueError, match=r"'mu': value has shape \(2,\), declared shape is \(\)"):
-        vj.fit(SCALE_MODEL, {"y": Y}, init={"mu": [1.0, 2.0]})
+        raw_fit(SCALE_MODEL, {"y": Y}, init={"mu": [1.0, 2.0]})
     with pytest.raises(ValueError, match="'mu': value is not finite"):
-        vj.fit(SCALE_MODEL, {"y": Y}, init={"mu": np.nan})
+        raw_fit(SCALE_MODEL, {"y": Y}, init={"mu": np.nan})
 
 
 def test_non_finite_log_joint_at_init_names_the_values():
@@ -131,17 +131,17 @@ def test_non_finite_log_joint_at_init_names_the_values():
     cliff = vj.Model(lambda z, d: jnp.where(z["mu"] > 3.0, -z["mu"] ** 2, -jnp.inf),
                      {"mu": vj.Latent()})
     with pytest.raises(ValueError, match=r"not finite at the given init: mu=1\."):
-        vj.fit(cliff, init={"mu": 1.0})
+        raw_fit(cliff, init={"mu": 1.0})
     # random inits in (-2, 2) never reach mu > 3: the error lists the last values tried
     with pytest.raises(ValueError, match="no initial point.*100 tries.*mu="):
-        vj.fit(cliff)
+        raw_fit(cliff)
     # a user init where the model is finite works
-    res = vj.fit(cliff, init={"mu": 4.0}, guide="delta", steps=50,
+    res = raw_fit(cliff, init={"mu": 4.0}, guide="delta", steps=50,
                  optimizer=optax.sgd(1e-3), key=jax.random.key(0))
     assert res.params["loc"][0] > 3.0
 
 
 def test_valid_input_with_partial_init_and_integer_seed():
-    res = vj.fit(SCALE_MODEL, {"y": Y}, init={"sigma": 2.0}, key=3, steps=20)
+    res = raw_fit(SCALE_MODEL, {"y": Y}, init={"sigma": 2.0}, key=3, steps=20)
     assert res.init_point.shape == (2,)
     np.testing.assert_allclose(res.init_point[1], np.log(2.0), rtol=1e-6)

@@ -1,25 +1,41 @@
 """The stopping rule, evaluated on device inside the compiled loop.
 
-Steps are grouped in consecutive blocks of ``window`` steps. At the end of block ``b`` the
-mean ``m_b`` and variance ``v_b`` of its (finite) losses are compared with those of block
-``b - 1``: the block *stalls* when the loss did not decrease significantly,
+"Converged" must mean that the returned estimate has stopped moving *in units of the
+posterior's own scale*, not that the loss changes less per block than its Monte Carlo noise
+(slow drift along an ill-conditioned valley does exactly that). Steps are grouped in
+consecutive blocks of ``window`` steps, aligned to the global step count (so a resumed fit
+sees the same blocks as an uninterrupted one). At the end of block ``b`` three things are
+checked:
 
-    m_{b-1} - m_b  <  z * sqrt((v_{b-1} + v_b) / window)  +  rtol * |m_b|,
+1. **Gradient signal-to-noise** (the main criterion). Over the last two blocks (``n`` steps)
+   every parameter element ``i`` has a mean gradient ``gbar_i`` and a per-step standard
+   deviation ``s_i``; ``r_i = |gbar_i| / s_i``. For the reparameterised ELBO of a Gaussian
+   family near the optimum, the mean gradient of a location is ``H (m_avg - m*)`` and its
+   per-step noise ``~ sqrt(diag H)``, so in coordinates whitened by the posterior's curvature
+   (vijax's default, :mod:`vijax.precondition`) ``r_i`` *is* the distance of the blocks'
+   iterate average (the returned estimate) from the optimum in posterior standard deviations.
+   Because the mean gradient is taken at the iterates the estimate averages, this is a test of
+   the estimate itself, not of the last iterate (Dhaka et al. 2020 test the iterates with
+   R-hat and the average with its Monte Carlo standard error; this combines both in one
+   statistic). The block passes when ``max_i r_i <= tol + sqrt(2 log(2 P) / n)``: ``tol``
+   (default 0.1 sd) plus the level the maximum of ``P`` noise-only ratios reaches (a max over
+   many weights of a flow would otherwise never pass). Parameters with no gradient (held
+   fixed) are ignored.
+2. **The loss has stalled**: ``m_{b-1} - m_b < z * sqrt((v_{b-1} + v_b) / window) + rtol |m_b|``
+   (the block means of the loss, their variances ``v``), as in Stan's ADVI but with the
+   measured noise as threshold.
+3. **The loss is not rising**: ``m_b <= best + z * se + rtol |m_b|`` with ``best`` the lowest
+   block mean so far. A diverging optimizer (a negative or huge step size) raises the loss;
+   that is never convergence.
 
-i.e. the improvement is within ``z`` standard errors of zero (Monte Carlo noise of the loss
-estimates) or below a relative tolerance. The fit has converged after ``patience`` consecutive
-stalled blocks, and never within its first ``min_steps`` steps (nor in the first compiled
-chunk). Like Stan's ADVI rule it compares windowed means of the objective, but the threshold is
-the measured noise rather than a fixed relative change, so it neither stops on noise nor waits
-forever when the loss is flat up to noise.
+The fit has converged after ``patience`` consecutive blocks passing all three, never within
+its first ``min_steps`` steps nor in its first compiled chunk. The returned parameters are
+then the average of the iterates over the last two blocks; blocks are aligned to the global
+step count, so ``k`` steps resumed for ``m`` more return what ``k + m`` uninterrupted steps
+return.
+``ConvState`` keeps the last block's figures (``grad_ratio``, ``grad_threshold``,
+``loss_drop``, ``loss_rise``) for the diagnostics, which state which criterion held or failed.
 
-Known limit: a fit that still improves, but by less per block than the Monte Carlo noise of
-the loss, looks converged (slow drift along a funnel's neck); a longer ``window`` (the noise of
-a block mean falls as ``1/sqrt(window)`` while the drift grows with it) or ``convergence=None``
-lets it go on.
-
-At convergence the returned parameters are the average of the iterates over the last two
-blocks (both at the optimum up to noise); without convergence, the tail average of ``fit``.
 No host synchronisation per step: the host reads the ``converged`` flag once per chunk, and
 steps after convergence inside a chunk change nothing.
 """
@@ -27,13 +43,20 @@ steps after convergence inside a chunk change nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Convergence", "ConvState", "init_conv_state", "update_conv_state",
-           "resolve_convergence"]
+__all__ = ["Convergence", "ConvergenceWarning", "ConvState", "init_conv_state", "update_conv_state",
+           "resolve_convergence", "auto_window", "describe_stop", "block_params",
+           "block_params_batched"]
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit whose result should not be trusted as it is: it did not converge, PSIS says q
+    is unreliable, or steps were skipped. The message says which and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +64,17 @@ class Convergence:
     """Configuration of the stopping rule (see the module docstring).
 
     Args:
-        window: steps per block (>= 10).
-        patience: consecutive stalled blocks needed to stop (>= 1).
-        z: noise threshold in standard errors (> 0).
-        rtol: relative tolerance on the improvement of the block mean (>= 0).
+        window: steps per block (>= 10), or ``None``: chosen from the number ``P`` of
+            parameter elements (:func:`auto_window`) so that two blocks resolve ``tol``.
+        patience: consecutive passing blocks needed to stop (>= 1).
+        z: loss-noise threshold in standard errors (> 0).
+        rtol: relative tolerance on the change of the block mean of the loss (>= 0).
+        tol: largest accepted distance of the estimate from the optimum, in posterior
+            standard deviations as measured by the gradient signal-to-noise ratio (> 0).
         min_steps: never stop before this many steps (>= 0).
+        gradient_test: apply criterion 1; ``fit`` turns it off for point masses (MAP), whose
+            gradient has no Monte Carlo noise to measure a distance against (their iterates
+            converge with a gradient of one sign).
 
     Example:
         >>> import vijax as vj
@@ -53,24 +82,49 @@ class Convergence:
         100
     """
 
-    window: int = 200
+    window: int | None = None
     patience: int = 2
     z: float = 2.0
     rtol: float = 1e-4
+    tol: float = 0.1
     min_steps: int = 0
+    gradient_test: bool = True
 
     def __post_init__(self) -> None:
         for name, low in (("window", 10), ("patience", 1), ("min_steps", 0)):
             v = getattr(self, name)
+            if name == "window" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"Convergence {name} must be an int >= {low}, got {v!r}")
-        for name, positive in (("z", True), ("rtol", False)):
+        for name, positive in (("z", True), ("rtol", False), ("tol", True)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not (
                     (v > 0 if positive else v >= 0) and v < float("inf")):
                 raise ValueError(f"Convergence {name} must be a finite number "
                                  f"{'> 0' if positive else '>= 0'}, got {v!r}")
             object.__setattr__(self, name, float(v))
+
+    def sized(self, n_params: int, point_mass: bool = False) -> Convergence:
+        """This rule with ``window=None`` replaced by :func:`auto_window` of ``n_params``
+        (and without the gradient test for a point mass)."""
+        rule = self if not point_mass else dataclasses.replace(self, gradient_test=False)
+        if rule.window is not None:
+            return rule
+        return dataclasses.replace(rule, window=auto_window(n_params, rule.tol))
+
+
+def auto_window(n_params: int, tol: float = 0.1) -> int:
+    """Steps per block so that the noise level of the gradient test over two blocks,
+    ``sqrt(2 log(2 P) / (2 window))``, is at most ``tol``: ``log(2 P) / tol^2`` rounded up to
+    a multiple of 50, between 200 and 1,000 (P = 10: 300; P = 1,000: 800).
+
+    Example:
+        >>> auto_window(10)
+        300
+    """
+    w = math.log(2 * max(int(n_params), 1)) / tol**2
+    return int(min(1000, max(200, 50 * math.ceil(w / 50))))
 
 
 def resolve_convergence(convergence: Any) -> Convergence | None:
@@ -86,7 +140,8 @@ def resolve_convergence(convergence: Any) -> Convergence | None:
 
 
 class ConvState(NamedTuple):
-    """Per-block accumulators and the running parameter averages of the last two blocks."""
+    """Per-block accumulators, the last two blocks' parameter averages and gradient sums,
+    and the last block's figures (for the diagnostics)."""
 
     total: jax.Array  # sum of finite losses in the current block
     total_sq: jax.Array  # sum of their squares
@@ -95,61 +150,173 @@ class ConvState(NamedTuple):
     prev_mean: jax.Array
     prev_var: jax.Array
     has_prev: jax.Array  # bool
-    streak: jax.Array  # int32: consecutive stalled blocks
+    streak: jax.Array  # int32: consecutive passing blocks
     converged: jax.Array  # bool
     block_avg: Any  # mean of the iterates in the current block
-    prev_block_avg: Any  # mean of the iterates in the previous block
+    last_avg: Any  # mean of the iterates in the last complete block
+    prev_avg: Any  # ... and in the complete block before it
+    g_sum: Any = ()  # sum of the finite steps' gradients in the current block
+    g_sq: Any = ()  # sum of their squares
+    prev_g_sum: Any = ()
+    prev_g_sq: Any = ()
+    prev_count: Any = None  # int32: finite steps in the previous block
+    best_mean: Any = None  # lowest block mean of the loss so far, and its variance
+    best_var: Any = None
+    n_blocks: Any = None  # int32: complete blocks
+    grad_ratio: Any = None  # last block's max |mean gradient| / sd
+    grad_threshold: Any = None  # and the threshold it was compared with
+    loss_drop: Any = None  # last block: previous mean - mean, and the noise threshold
+    loss_noise: Any = None
+    loss_rise: Any = None  # last block: mean - best (> loss_noise: rising)
 
 
 def init_conv_state(params, dtype) -> ConvState:
     zero_f, zero_i = jnp.zeros((), dtype), jnp.zeros((), jnp.int32)
+    nan = jnp.full((), jnp.nan, dtype)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     return ConvState(zero_f, zero_f, zero_i, zero_i, zero_f, zero_f, jnp.array(False), zero_i,
-                     jnp.array(False), params, params)
+                     jnp.array(False), params, params, params, zeros, zeros, zeros, zeros,
+                     zero_i,
+                     jnp.full((), jnp.inf, dtype), zero_f, zero_i, nan, nan, nan, nan, nan)
 
 
-def update_conv_state(rule: Convergence, c: ConvState, loss, params, step, first_chunk_end,
-                      active) -> ConvState:
-    """One step's update (selects only, no branches); ``step`` is the step just taken."""
+def _gradient_test(c: ConvState, g_sum, g_sq, count, dtype):
+    """``(max ratio, threshold)`` over the current and the previous block."""
+    n = (count + c.prev_count).astype(dtype)
+    n_safe = jnp.maximum(n, 2.0)
+    leaves = []
+    n_free = jnp.zeros((), dtype)
+    for s, q, ps, pq in zip(*(jax.tree_util.tree_leaves(t) for t in
+                                (g_sum, g_sq, c.prev_g_sum, c.prev_g_sq)), strict=True):
+        mean = (s + ps) / n_safe
+        var = jnp.maximum((q + pq) / n_safe - mean * mean, 0.0) * n_safe / (n_safe - 1.0)
+        free = var > 0
+        ratio = jnp.where(free, jnp.abs(mean) / jnp.sqrt(jnp.where(free, var, 1.0)), 0.0)
+        # a parameter whose gradient is constant and non-zero is not at an optimum
+        ratio = jnp.where(~free & (mean != 0), jnp.inf, ratio)
+        leaves.append(jnp.max(ratio, initial=0.0))
+        n_free = n_free + jnp.sum(free).astype(dtype)
+    worst = jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros((), dtype)
+    return worst, jnp.sqrt(2.0 * jnp.log(2.0 * jnp.maximum(n_free, 1.0)) / n_safe)
+
+
+def update_conv_state(rule: Convergence, c: ConvState, loss, params, grads, step,
+                      first_chunk_end, active) -> ConvState:
+    """One step's update (selects only, no branches); ``step`` is the step just taken;
+    ``loss`` is NaN (and ``grads`` ignored) for a skipped step."""
     finite = jnp.isfinite(loss) & active
+    dtype = loss.dtype
     x = jnp.where(finite, loss, 0.0)
     total, total_sq = c.total + x, c.total_sq + x * x
     count = c.count + finite.astype(jnp.int32)
     in_block = c.in_block + active.astype(jnp.int32)
-    n_in = in_block.astype(loss.dtype)
+    n_in = in_block.astype(dtype)
     block_avg = jax.tree_util.tree_map(
         lambda a, p: jnp.where(active, a + (p - a) / jnp.maximum(n_in, 1.0), a),
         c.block_avg, params)
+    g = jax.tree_util.tree_map(lambda v: jnp.where(finite, v, 0.0), grads)
+    g_sum = jax.tree_util.tree_map(jnp.add, c.g_sum, g)
+    g_sq = jax.tree_util.tree_map(lambda a, v: a + v * v, c.g_sq, g)
 
     end = active & (in_block == rule.window)
-    n = jnp.maximum(count, 1).astype(loss.dtype)
+    n = jnp.maximum(count, 1).astype(dtype)
     mean = total / n
     var = jnp.maximum(total_sq / n - mean * mean, 0.0) * n / jnp.maximum(n - 1.0, 1.0)
     se = jnp.sqrt((c.prev_var + var) / rule.window)
-    stalled = c.has_prev & (count > 1) & (
-        c.prev_mean - mean < rule.z * se + rule.rtol * jnp.abs(mean))
-    streak = jnp.where(end, jnp.where(stalled, c.streak + 1, 0), c.streak)
+    noise = rule.z * se + rule.rtol * jnp.abs(mean)
+    drop = c.prev_mean - mean
+    stalled = c.has_prev & (count > 1) & (drop < noise)
+    rise = mean - c.best_mean
+    not_rising = rise <= rule.z * jnp.sqrt((c.best_var + var) / rule.window) \
+        + rule.rtol * jnp.abs(mean)
+    ratio, floor = _gradient_test(c, g_sum, g_sq, count, dtype)
+    threshold = rule.tol + floor
+    small_gradient = c.has_prev & ((ratio <= threshold) | (not rule.gradient_test))
+    passed = stalled & not_rising & small_gradient
+    streak = jnp.where(end, jnp.where(passed, c.streak + 1, 0), c.streak)
     may_stop = (step + 1 >= rule.min_steps) & (step + 1 > first_chunk_end)
     converged = c.converged | (end & (streak >= rule.patience) & may_stop)
+    better = end & (count > 1) & (mean < c.best_mean)
 
     def at_end(new, old):
         return jnp.where(end, new, old)
 
-    zero = jnp.zeros((), loss.dtype)
+    def tree_at_end(new, old):
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(end, a, b), new, old)
+
+    zero = jnp.zeros((), dtype)
+    zero_i = jnp.zeros((), jnp.int32)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, g_sum)
     return ConvState(
         total=at_end(zero, total), total_sq=at_end(zero, total_sq),
-        count=at_end(jnp.zeros((), jnp.int32), count),
-        in_block=at_end(jnp.zeros((), jnp.int32), in_block),
+        count=at_end(zero_i, count), in_block=at_end(zero_i, in_block),
         prev_mean=at_end(mean, c.prev_mean), prev_var=at_end(var, c.prev_var),
         has_prev=c.has_prev | end, streak=streak, converged=converged,
-        # at a block's end its average becomes the previous block's (unless the fit stops
-        # here: then both are kept for converged_params); the next block's average restarts
-        # from its first iterate (n = 1)
-        block_avg=block_avg,
-        prev_block_avg=jax.tree_util.tree_map(
-            lambda new, old: jnp.where(end & ~converged, new, old), block_avg,
-            c.prev_block_avg))
+        # at a block's end its average becomes the last complete block's; the next block's
+        # average restarts from its first iterate (n = 1)
+        block_avg=block_avg, last_avg=tree_at_end(block_avg, c.last_avg),
+        prev_avg=tree_at_end(c.last_avg, c.prev_avg),
+        g_sum=tree_at_end(zeros, g_sum), g_sq=tree_at_end(zeros, g_sq),
+        prev_g_sum=tree_at_end(g_sum, c.prev_g_sum), prev_g_sq=tree_at_end(g_sq, c.prev_g_sq),
+        prev_count=at_end(count, c.prev_count),
+        best_mean=jnp.where(better, mean, c.best_mean),
+        best_var=jnp.where(better, var, c.best_var),
+        n_blocks=c.n_blocks + end.astype(jnp.int32),
+        grad_ratio=at_end(jnp.where(c.has_prev, ratio, jnp.nan), c.grad_ratio),
+        grad_threshold=at_end(threshold, c.grad_threshold),
+        loss_drop=at_end(jnp.where(c.has_prev, drop, jnp.nan), c.loss_drop),
+        loss_noise=at_end(noise, c.loss_noise),
+        loss_rise=at_end(rise, c.loss_rise))
 
 
-def converged_params(c: ConvState):
-    """The average over the last two complete blocks."""
-    return jax.tree_util.tree_map(lambda a, b: 0.5 * (a + b), c.block_avg, c.prev_block_avg)
+def block_params(c: ConvState):
+    """The estimate: the average of the iterates over the last two complete blocks (over
+    the last one when only one completed); ``None`` before the first block completes. The
+    blocks are aligned to the global step count, so a resumed fit returns what an
+    uninterrupted one does."""
+    n = int(c.n_blocks)
+    if n == 0:
+        return None
+    if n == 1:
+        return c.last_avg
+    return jax.tree_util.tree_map(lambda a, b: 0.5 * (a + b), c.last_avg, c.prev_avg)
+
+
+def block_params_batched(c: ConvState, fallback, use):
+    """:func:`block_params` for a leading lane axis (``fit_many``) where ``use`` (L,) is
+    true, ``fallback``'s elsewhere and for lanes with no complete block."""
+    n = jnp.where(jnp.asarray(use), c.n_blocks, 0)
+
+    def pick(last, prev, fb):
+        shape = (-1,) + (1,) * (last.ndim - 1)
+        two = jnp.reshape(n >= 2, shape)
+        one = jnp.reshape(n == 1, shape)
+        return jnp.where(two, 0.5 * (last + prev), jnp.where(one, last, fb))
+
+    return jax.tree_util.tree_map(pick, c.last_avg, c.prev_avg, fallback)
+
+
+def describe_stop(c: ConvState, converged: bool, skip: tuple[str, ...] = ()) -> str:
+    """One line: which criterion fired (or failed) and its measured figures (``skip``:
+    ``("gradient",)`` when the gradient test was off)."""
+    if not isinstance(c, ConvState) or int(c.n_blocks) < 2:
+        return "too few steps for the stopping rule (fewer than two blocks)"
+    ratio, thr = float(c.grad_ratio), float(c.grad_threshold)
+    drop, noise, rise = float(c.loss_drop), float(c.loss_noise), float(c.loss_rise)
+    grad = "" if "gradient" in skip else \
+        f"gradient signal-to-noise {ratio:.3g} (threshold {thr:.3g}); "
+    figures = (f"{grad}loss change "
+               f"per block {-drop:+.3g} (noise {noise:.3g}); above the best block by "
+               f"{rise:.3g}")
+    if converged:
+        return "converged: " + figures
+    reasons = []
+    if not ratio <= thr and "gradient" not in skip:
+        reasons.append("the mean gradient is still significant (the estimate is still "
+                       "moving)")
+    if not drop < noise:
+        reasons.append("the loss was still decreasing")
+    if rise > noise:
+        reasons.append("the loss rose above its best block (a diverging optimizer?)")
+    return "not converged: " + ("; ".join(reasons) or "criteria met too recently") + "; " \
+        + figures

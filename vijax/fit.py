@@ -7,6 +7,7 @@ import functools
 import math
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,30 +16,48 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vijax.convergence import Convergence, ConvState, converged_params, resolve_convergence
+from vijax.convergence import (
+    Convergence,
+    ConvergenceWarning,
+    ConvState,
+    block_params,
+    describe_stop,
+    resolve_convergence,
+)
 from vijax.estimators import resolve_estimator
 from vijax.guides.ladder import Ladder
 from vijax.guides.laplace import Laplace
+from vijax.guides.lowrank import LowRank
 from vijax.guides.resolve import build_guide, resolve_spec
 from vijax.guides.whitened import Whitened, guide_moments, whitening
 from vijax.loop import FitState, init_state, make_chunk_runner, stopped
-from vijax.model import Model
+from vijax.model import Model, check_influence
 from vijax.objective import make_objective
 from vijax.optim import default_optimizer
+from vijax.precondition import preconditionable, resolve_precondition
 from vijax.psis import MIN_DRAWS, psis
-from vijax.result import Diagnostics, FitResult, _weighted_sampler
+from vijax.result import Diagnostics, FitResult
 
 __all__ = ["fit", "prepare_data", "check_data", "NonFiniteError"]
 
 MAX_INIT_TRIES = 100
 DEFAULT_CHUNK = 500
+DEFAULT_STEPS = 10_000
+"""The default step limit: a maximum; the stopping rule ends most fits far earlier."""
 
 
 # ---------------------------------------------------------------------------------------------
 # validation helpers
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+INT32_MAX = 2**31 - 1
+"""Largest count ``fit`` takes: step counters and limits are int32 inside the compiled loop."""
+
+
+def _check_int(name: str, value: Any, minimum: int = 1, maximum: int = INT32_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"{name} must be an int <= {maximum} (counts are int32 in the "
+                         f"compiled loop), got {value!r}")
     return int(value)
 
 
@@ -61,14 +80,38 @@ def _check_loop_options(model, steps, chunk_size, max_consecutive, psis_draws, a
     return steps, chunk_size, max_consecutive, psis_draws
 
 
+def _seed_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)`` for ``0 <= seed < 2**64``, the 64 bits kept even when 64-bit
+    JAX is off (which would cut the seed to 32 bits: 2**32 and 0 would give the same key)."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"an int seed must be in [0, 2**64), got {seed}; pass a smaller "
+                         "non-negative int, or a key from jax.random.key")
+    if seed < 2**32:
+        return jax.random.key(seed)
+    impl = jax.random.key_impl(jax.random.key(0))
+    if str(impl) == "threefry2x32":  # its key data is [high 32 bits, low 32 bits]
+        return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32),
+                                        impl=impl)
+    if jax.config.jax_enable_x64 and seed < 2**63:
+        return jax.random.key(seed)
+    raise ValueError(f"seed {seed} needs more than 32 bits, which the PRNG {impl} takes only "
+                     "below 2**63 with 64-bit JAX; pass a seed below 2**32")
+
+
 def _check_key(key: Any) -> jax.Array:
     if key is None:
         return jax.random.key(0)
     if isinstance(key, int | np.integer) and not isinstance(key, bool):
-        return jax.random.key(int(key))
-    if isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                       or (key.shape == (2,) and key.dtype == jnp.uint32)):
-        return key
+        return _seed_key(int(key))
+    if isinstance(key, jax.Array):
+        typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        shape = key.shape if typed else key.shape[:-1]  # raw uint32 keys: (..., 2)
+        if typed or (key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2):
+            if shape == ():
+                return key
+            raise ValueError(f"key must be one PRNG key, got an array of {math.prod(shape)} "
+                             f"keys (shape {shape}), e.g. from jax.random.split(key, n): pass "
+                             "one of them (keys[0]), or use vj.fit_many for one fit per key")
     raise TypeError(f"key must be a JAX PRNG key (jax.random.key(seed)) or an int seed, "
                     f"got {key!r}")
 
@@ -102,15 +145,28 @@ def check_data(data: Any, dtype=None) -> Any:
 
     Floating leaves are cast to ``dtype`` (the fit's float type) so that no weak or mixed types
     cause recompiles; integer and boolean leaves keep their type. Raises naming the data key
-    when a leaf is not numeric or holds NaN/inf.
+    when a leaf is not numeric, holds NaN/inf, is a Python list of numbers (JAX would pass it
+    on as a list of scalars, not an array) or holds values its type on the device cannot:
+    floats beyond the range of ``dtype`` (they would become inf), 64-bit integers beyond 32
+    bits when 64-bit JAX is off (they would wrap around).
 
     Returns the pytree with numpy leaves (device arrays are kept as they are).
+
+    Example:
+        >>> check_data({"y": np.array([1.0, 2.0])})["y"].dtype
+        dtype('float32')
+        >>> check_data({"y": [1.0, 2.0]})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: data['y'] is a Python list; ...
     """
     dtype = _resolve_dtype(dtype)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(data)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(data, is_leaf=_is_number_list)
     out = []
     for path, leaf in leaves:
         where = "data" + jax.tree_util.keystr(path)
+        if isinstance(leaf, list):
+            _refuse_list(where, leaf)
         if isinstance(leaf, jax.Array):
             arr = leaf
         else:
@@ -121,17 +177,59 @@ def check_data(data: Any, dtype=None) -> Any:
         if arr.dtype.kind not in "biuf":
             raise TypeError(f"{where} must be numeric (float, int or bool), got dtype "
                             f"{arr.dtype}")
+        if arr.dtype.kind in "iu":
+            _check_int_range(where, arr)
         if arr.dtype.kind == "f":
-            finite = np.asarray(jnp.isfinite(arr)) if isinstance(arr, jax.Array) \
-                else np.isfinite(arr)
-            if not finite.all():
-                bad = tuple(int(i) for i in np.argwhere(~finite)[0])
-                value = np.asarray(arr)[bad] if bad else np.asarray(arr)
-                raise ValueError(f"{where} contains a non-finite value ({value}) at index "
-                                 f"{bad}; NaN and inf are not allowed in data")
+            _check_where(where, ~np.asarray(jnp.isfinite(arr) if isinstance(arr, jax.Array)
+                                            else np.isfinite(arr)), arr,
+                         "contains a non-finite value", "NaN and inf are not allowed in data")
+            if arr.dtype.itemsize > np.dtype(dtype).itemsize:
+                big = np.finfo(dtype).max
+                _check_where(where, np.asarray(jnp.abs(arr) > big if isinstance(arr, jax.Array)
+                                               else np.abs(arr) > big), arr,
+                             f"holds a value beyond the {dtype} range (|x| > {big:.4g})",
+                             f"it would become inf in {dtype}: rescale the data, or fit in "
+                             "float64 (jax_enable_x64 and dtype=np.float64)")
             arr = arr.astype(dtype) if arr.dtype != dtype else arr
         out.append(arr)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_where(where: str, bad: np.ndarray, arr, what: str, advice: str) -> None:
+    """Raise naming the first index where ``bad`` holds (and the value there)."""
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = np.asarray(arr)[idx]
+        raise ValueError(f"{where} {what} ({value}) at index {idx}; {advice}")
+
+
+def _check_int_range(where: str, arr) -> None:
+    """64-bit integers become 32-bit ones on the device when 64-bit JAX is off, and those
+    that do not fit wrap around silently: refuse them."""
+    if arr.dtype.itemsize <= 4 or jax.config.jax_enable_x64 or isinstance(arr, jax.Array):
+        return
+    info = np.iinfo(np.int32 if arr.dtype.kind == "i" else np.uint32)
+    _check_where(where, (arr < info.min) | (arr > info.max), arr,
+                 f"holds {arr.dtype} values beyond the {info.dtype} range", "64-bit JAX is off, "
+                 "so they would wrap around: enable jax_enable_x64, or pass them as floats")
+
+
+def _is_number_list(x: Any) -> bool:
+    """A Python list (nested or ragged) of numbers: meant as an array, not a container."""
+    return isinstance(x, list) and all(
+        isinstance(v, bool | int | float | complex | np.generic) or _is_number_list(v)
+        for v in x)
+
+
+def _refuse_list(where: str, leaf: list) -> None:
+    try:
+        np.asarray(leaf)
+    except ValueError:
+        raise TypeError(f"{where} is a ragged Python list (rows of different lengths), which "
+                        "is not an array: pad it to a rectangular array, or split it into "
+                        "arrays") from None
+    raise TypeError(f"{where} is a Python list; JAX would pass it to the model as a list of "
+                    "separate scalars, not as an array: pass an array (np.asarray(...))")
 
 
 def _check_log_joint(model: Model, target, data, dtype) -> None:
@@ -145,6 +243,7 @@ def _check_log_joint(model: Model, target, data, dtype) -> None:
     if key in _CHECKED:
         return
     _trace_log_joint(model, target, data, dtype)
+    check_influence(model, data, dtype)  # warns once per model and data shapes
     if len(_CHECKED) > 1024:
         _CHECKED.clear()
     _CHECKED.add(key)
@@ -180,12 +279,26 @@ def _trace_log_joint(model: Model, target, data, dtype) -> None:
                          "per-observation terms, or use the factorised form)")
 
 
+_TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                  jax.errors.TracerIntegerConversionError, jax.errors.UnexpectedTracerError,
+                  jax.errors.NonConcreteBooleanIndexError)
+
+
 def _trace(fn, fname: str, shapes: dict):
+    """Run ``fn`` (which traces the model); an error is re-raised as it is (its type and
+    arguments are JAX's or the model's: not every exception can be rebuilt from a message),
+    with a note naming the function and the latent shapes."""
     try:
         return fn()
     except Exception as e:
-        raise type(e)(f"the model's {fname} failed when traced with latents of shapes "
-                      f"{shapes}: {e}") from e
+        note = f"vijax: the model's {fname} failed when traced with latents of shapes {shapes}"
+        if isinstance(e, _TRACER_ERRORS):
+            note += (". The model must be traceable by JAX: latent values are abstract "
+                     "tracers, so no Python control flow (if/while/and/or), float()/int()/"
+                     "bool() or NumPy (np.*) calls on them; use jnp.* functions, and "
+                     "jnp.where or jax.lax.cond for branches")
+        e.add_note(note)
+        raise
 
 
 def _check_float(out, fname: str) -> None:
@@ -272,7 +385,15 @@ def _whitened_params(spec, params, source: FitResult):
     except ValueError:
         return None
     dtype = params["shift"].dtype
-    return {**params, **{k: jnp.asarray(v, dtype) for k, v in fixed.items()}}
+    out = {**params, **{k: jnp.asarray(v, dtype) for k, v in fixed.items()}}
+    if isinstance(spec.base, LowRank) and not spec.full:
+        # the low-rank factor starts at the source's correlations in whitened coordinates
+        # (diagonal whitening leaves them; Adam would take thousands of steps to learn 0.9)
+        t = fixed["scale"]
+        cov_u = moments[1] / np.outer(t, t)
+        base = LowRank.params_from(np.zeros(dim), cov_u, spec.base.resolved_rank(dim))
+        out["base"] = {k: jnp.asarray(v, dtype) for k, v in base.items()}
+    return out
 
 
 def _warm_continuous(spec, params, source: FitResult, source_params, source_spec,
@@ -346,6 +467,30 @@ def _init_finder(target, no_jacobian: frozenset):
         return jax.lax.while_loop(cond, body, (jnp.int32(1), theta0, finite_at(theta0, data)))
 
     return find
+
+
+def default_psis_draws(dim: int) -> int:
+    """Draws of q for the PSIS check: ``200 * dim`` between 2,000 and 10,000 (1,000 draws
+    called a 5x-too-narrow funnel's q "good": the tail that k-hat reads needs more draws as
+    the dimension grows)."""
+    return int(min(10_000, max(2_000, 200 * int(dim))))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_finder(target):
+    return jax.jit(_init_finder(target, frozenset()))
+
+
+def initial_point(model: Model, data, key, init, dtype) -> jax.Array:
+    """The fit's initial point ``(full_dim,)`` (``init`` values, the rest uniform in (-2, 2)
+    in unconstrained space, redrawn until the log density and gradient are finite): the same
+    point a fit with this key starts from. ``data`` must be checked already."""
+    target = model.target
+    fixed, mask = _fixed_init(target, init, dtype)
+    k_init = jax.random.split(_check_key(key), 3)[0]
+    tries, theta, ok = _compiled_finder(target)(k_init, data, fixed, mask)
+    _check_init_found(target, tries, theta, ok, mask)
+    return theta
 
 
 def _fixed_init(target, init, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -565,28 +710,82 @@ def _progress_bar(progress: bool | None, steps: int, name: str):
 
 
 def _psis_check(target, guide, params, key, n: int, data):
-    """``(k_hat, ess, reading, n)`` of PSIS on ``n`` draws of q, or ``None`` when off."""
+    """``(k_hat, ess, reading, n)`` of PSIS on ``n`` draws of q, or ``None`` when off.
+
+    Where k-hat reads "good" or "usable", the PSIS-corrected means and sds of every
+    unconstrained coordinate are compared with q's own (:func:`_psis_shift`): k-hat alone
+    called a q with 0.2-0.7 of a funnel's or banana's true sd "usable" (its tail estimate
+    misses mass that q never visits), while the correction it implies is large there and
+    within Monte Carlo noise of zero for a q that fits. A correction beyond 0.1 sd in a mean
+    or 10% in an sd (past three of its standard errors) makes the reading "unreliable"."""
     if n == 0:
         return None
     if guide.point_mass:
         return float("nan"), float("nan"), "not applicable (point mass)", 0
-    _, lw = _weighted_sampler(target, guide, n)(jax.random.fold_in(key, 0x5151), params, data)
+    theta, lw = _unconstrained_sampler(target, guide, n)(jax.random.fold_in(key, 0x5151),
+                                                         params, data)
     lw = np.asarray(lw, np.float64)
     if not np.any(np.isfinite(lw)):
         return float("inf"), 1.0, "unreliable (no draw has a finite log density)", n
+    finite = lw[np.isfinite(lw)]
+    if finite.size == lw.size and np.ptp(finite) < 1e-2:
+        # weights equal to within 1% (float32 rounding of a large log density makes them
+        # unequal in the last digits, and the tail fit then reads k = inf): q is exact
+        return float("-inf"), float(n), "good (the importance weights are constant: q is " \
+            "exact up to 1%)", n
     res = psis(np.where(np.isfinite(lw), lw, -np.inf))
-    return float(res.k_hat), float(res.ess), res.reading, n
+    reading = res.reading
+    if np.isfinite(res.k_hat) and res.k_hat < 0.7 or res.k_hat == -np.inf:
+        mean_shift, sd_ratio, se = _psis_shift(np.asarray(theta, np.float64),
+                                               res.log_weights)
+        if mean_shift > max(0.1, 3 * se) or abs(np.log(sd_ratio)) > max(np.log(1.1),
+                                                                        3 * se):
+            reading = (f"unreliable (k-hat {res.k_hat:.2f}, but the PSIS-corrected moments "
+                       f"differ from q's by {mean_shift:.2f} sd in a mean and a factor "
+                       f"{sd_ratio:.2f} in an sd)")
+    return float(res.k_hat), float(res.ess), reading, n
+
+
+@functools.lru_cache(maxsize=64)
+def _unconstrained_sampler(target, guide, n: int):
+    """Jitted ``(key, params, data) -> (theta (n, dim), log w (n,))``."""
+    def one(key, params, data):
+        theta, log_q = guide.sample(key, params)
+        return theta[:target.dim], target.log_density(theta, data) - log_q
+
+    return jax.jit(lambda key, params, data: jax.vmap(one, in_axes=(0, None, None))(
+        jax.random.split(key, n), params, data))
+
+
+def _psis_shift(theta: np.ndarray, log_w: np.ndarray) -> tuple[float, float, float]:
+    """Largest PSIS correction of q's moments over the coordinates of ``theta (n, dim)``:
+    ``(max |mean_w - mean_q| / sd_q, sd_w / sd_q farthest from 1, standard error)``; the
+    standard error of both is about ``1 / sqrt(ess)`` (in sd units / on the log scale)."""
+    w = np.exp(log_w - np.max(log_w))
+    w = w / w.sum()
+    mean_q, sd_q = theta.mean(0), theta.std(0)
+    keep = sd_q > 0
+    if not np.any(keep):
+        return 0.0, 1.0, 0.0
+    theta, mean_q, sd_q = theta[:, keep], mean_q[keep], sd_q[keep]
+    mean_w = w @ theta
+    sd_w = np.sqrt(np.maximum(w @ (theta - mean_w) ** 2, 0.0))
+    shift = np.abs(mean_w - mean_q) / sd_q
+    log_ratio = np.log(np.maximum(sd_w, 1e-300) / sd_q)
+    worst = int(np.argmax(np.abs(log_ratio)))
+    ess = 1.0 / float(np.sum(w**2))
+    return float(shift.max()), float(np.exp(log_ratio[worst])), 1.0 / np.sqrt(ess)
 
 
 # ---------------------------------------------------------------------------------------------
-def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
+def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAULT_STEPS,
         optimizer: optax.GradientTransformation | None = None, key: Any = None,
         num_particles: int | None = None, init: Mapping[str, Any] | None = None,
         average: float = 0.5, chunk_size: int = DEFAULT_CHUNK, dtype: Any = None,
         init_from: FitResult | None = None, estimator: Any = None,
         convergence: Any = "auto", max_consecutive_nonfinite: int = 100,
         progress: bool | None = None, resume: FitResult | None = None,
-        psis_draws: int = 1000) -> FitResult:
+        psis_draws: int | None = None, precondition: Any = "auto") -> FitResult:
     """Fit a variational approximation q to the posterior of ``model`` given ``data``.
 
     Maximises the ELBO ``E_q[log p(x, z)] - E_q[log q(z)]`` (or the estimator's bound) over
@@ -668,6 +867,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
         >>> res.losses.shape
         (300,)
     """
+    if psis_draws is None and isinstance(model, Model):
+        psis_draws = default_psis_draws(model.target.dim)
     steps, chunk_size, max_consecutive, psis_draws = _check_loop_options(
         model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress)
     rule = resolve_convergence(convergence)
@@ -691,16 +892,19 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
         num_particles = resume.diagnostics.num_particles
         dtype = jax.tree_util.tree_leaves(resume.params)[0].dtype
     else:
-        spec = resolve_spec("meanfield" if guide is None else guide)
-        if isinstance(spec, Laplace | Ladder):  # several fits: see vijax.stages
+        spec = resolve_spec("auto" if guide is None else guide)
+        precondition = resolve_precondition(precondition)
+        kw = dict(steps=steps, optimizer=optimizer, key=key, num_particles=num_particles,
+                  init=init, average=average, chunk_size=chunk_size, dtype=dtype,
+                  init_from=init_from, estimator=estimator, convergence=convergence,
+                  max_consecutive_nonfinite=max_consecutive_nonfinite, progress=progress,
+                  psis_draws=psis_draws, precondition=precondition)
+        if isinstance(spec, Laplace | Ladder) or (
+                precondition is not None and init_from is None and preconditionable(
+                    spec, target, precondition)):  # several fits: see vijax.stages
             from vijax.stages import fit_staged
 
-            return fit_staged(spec, model, data, dict(
-                steps=steps, optimizer=optimizer, key=key, num_particles=num_particles,
-                init=init, average=average, chunk_size=chunk_size, dtype=dtype,
-                init_from=init_from, estimator=estimator, convergence=convergence,
-                max_consecutive_nonfinite=max_consecutive_nonfinite, progress=progress,
-                psis_draws=psis_draws))
+            return fit_staged(spec, model, data, kw)
         estimator = resolve_estimator("auto" if estimator is None else estimator)
         if num_particles is None:
             num_particles = 8 if target.discrete else 1
@@ -713,6 +917,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
     data = check_data(model.data if data is None else data, dtype)
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, data, dtype)
+    if rule is not None:
+        rule = rule.sized(*_n_params(target, spec, dtype.name))
     guide_fns, objective, runner, start, restart = _pipeline(
         target, spec, num_particles, optimizer, chunk_len, estimator, rule)
     key = _check_key(key)
@@ -743,7 +949,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
 
     begin = int(state.step)
     total = jnp.asarray(begin + steps, jnp.int32)
-    avg_start = jnp.asarray(begin + steps - math.floor(average * steps), jnp.int32)
+    # the averaging window is a fraction of all steps (a resumed fit's included)
+    avg_start = jnp.asarray(begin + steps - math.floor(average * (begin + steps)), jnp.int32)
     first_chunk_end = jnp.asarray(begin + chunk_len, jnp.int32)
     limit = jnp.asarray(max_consecutive, jnp.int32)
     chunks = []
@@ -760,8 +967,11 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
     losses = np.concatenate([previous] + [np.asarray(c) for c in chunks])[:begin + n_run]
     wall = time.perf_counter() - t0
 
-    converged = isinstance(state.conv, ConvState) and bool(state.conv.converged)
-    params = converged_params(state.conv) if converged else state.avg_params
+    conv = state.conv if isinstance(state.conv, ConvState) else None
+    converged = conv is not None and bool(conv.converged)
+    # converged: the average of the last two blocks (at the optimum up to noise); else the
+    # tail average over the last ``average`` fraction of all steps
+    params = block_params(conv) if converged else state.avg_params
     if bool(state.failed) or int(state.n_nonfinite) - _skipped_before(resume) == n_run:
         last = _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
                          theta0, k_loop, estimator, num_particles, wall, begin + steps,
@@ -771,9 +981,42 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = 2000,
                                1 if guide_fns.point_mass else num_particles)
     _check_finite_params(target, guide_fns, state, n_run)
     check = _psis_check(target, guide_fns, params, key, psis_draws, data)
-    return _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
-                     theta0, k_loop, estimator, num_particles, wall, begin + steps,
-                     "converged" if converged else "max_steps", check)
+    res = _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
+                    theta0, k_loop, estimator, num_particles, wall, begin + steps,
+                    "converged" if converged else "max_steps", check)
+    warn_if_untrusted(res)
+    return res
+
+
+def warn_if_untrusted(res: FitResult, stacklevel: int = 3) -> None:
+    """Warn (:class:`ConvergenceWarning`) when a fit with a stopping rule did not converge or
+    its PSIS k-hat says q is unreliable: a result is never wrong without a word."""
+    d = res.diagnostics
+    problems = []
+    if d.stop_reason == "max_steps" and d.criterion and not d.criterion.startswith("no "):
+        problems.append(f"the fit ran its {d.n_steps} steps without converging "
+                        f"({d.criterion}); pass more steps= or resume=res")
+    if d.k_hat_reading.startswith("unreliable"):
+        problems.append(f"PSIS says q is an unreliable approximation of this posterior "
+                        f"({d.k_hat_reading}; res.psis_mean() / res.psis_resample() correct "
+                        "expectations and draws; guide='auto' tries richer families)")
+    if d.n_nonfinite_skipped:
+        problems.append(f"{d.n_nonfinite_skipped} steps were skipped for a non-finite loss "
+                        "or gradient")
+    if problems:
+        warnings.warn(ConvergenceWarning(f"vj.fit ({d.rung or res.guide.name}): "
+                                         + "; ".join(problems)), stacklevel=stacklevel)
+
+
+@functools.lru_cache(maxsize=128)
+def _n_params(target, spec, dtype_name: str) -> tuple[int, bool]:
+    """Number of parameter elements of ``spec``'s guide for ``target`` and whether it is a
+    point mass (they size the stopping rule)."""
+    guide = build_guide(spec, target)
+    shapes = jax.eval_shape(guide.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((target.full_dim,), np.dtype(dtype_name)))
+    n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+    return n, bool(guide.point_mass and not target.discrete)
 
 
 def _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer, theta0,
@@ -785,7 +1028,11 @@ def _assemble(model, guide_fns, spec, params, state, losses, objective, optimize
         objective=objective.name, num_particles=num_particles, final_loss=_final_loss(losses),
         estimator=objective.estimator, converged=reason == "converged", stop_reason=reason,
         max_steps=int(max_steps), k_hat=k_hat, ess=ess, k_hat_reading=reading,
-        psis_draws=draws)
+        psis_draws=draws,
+        criterion=describe_stop(state.conv, reason == "converged",
+                                () if guide_fns.noise_dim else ("gradient",))
+        if isinstance(state.conv, ConvState) else
+        "no stopping rule (convergence=None): ran exactly the steps asked for")
     return FitResult(model=model, guide=guide_fns, guide_spec=spec, params=params,
                      last_params=state.params, opt_state=state.opt_state, losses=losses,
                      diagnostics=diagnostics, optimizer=optimizer, init_point=theta0,

@@ -39,6 +39,16 @@ The manifest holds:
 Nothing is ever unpickled: arrays are read with ``allow_pickle=False`` and a file whose
 members would need pickle (object arrays, anything other than ``.npy`` arrays and the
 manifest) is refused.
+
+Nothing is read unchecked either: the file must hold the zip archive alone (members back to
+back from byte 0, then the central directory and end records; no bytes before, between or
+after them, which the digest would not cover); every member must be stored uncompressed and
+no larger (zip header ``file_size``) than the manifest's shape and dtype allow (plus a
+``.npy`` header), and is read with a bounded read; the manifest itself is capped at 64 MiB.
+Manifests that no fit can produce are refused even with a valid digest: negative or
+inconsistent counts (``n_nonfinite_skipped > n_steps``, ``max_steps < n_steps``, a losses
+length or loop-state step other than ``n_steps``), numbers that are not numbers, a learning
+rate that is not positive and finite, member shapes that are not lists of non-negative ints.
 """
 
 from __future__ import annotations
@@ -48,8 +58,10 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import secrets
+import struct
 import zipfile
 from typing import Any
 
@@ -70,6 +82,14 @@ __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 FORMAT = "vijax-checkpoint"
 FORMAT_VERSION = 2  # 2: full-rank off-diagonals relative to their row's scale
 _MANIFEST = "manifest.json"
+_MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists leaves and members: far below this
+_MAX_NPY_HEADER_BYTES = 1 << 16  # a .npy header (magic, length, dict) of a vijax array
+# zip records (APPNOTE 4.3): local file header, end of central directory, and the zip64 end
+# record and its locator, which precede the end record in archives beyond the 32-bit limits
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+_END = struct.Struct("<4s4H2LH")
+_END64_LOCATOR = struct.Struct("<4sLQL")
+_END64 = struct.Struct("<4sQ2H2L4Q")
 _GROUPS = ("params", "last_params", "opt_state", "state", "init_point", "losses", "loop_key")
 _STORED_KINDS = "biufc"  # numeric dtypes only: anything else is refused on load
 # the loop state's structure depends on whether a stopping rule ran (not on its settings)
@@ -300,13 +320,79 @@ def _refuse(path: str, problem: str) -> ValueError:
     return ValueError(f"cannot load {path!r}: {problem}")
 
 
+def _read_bounded(path: str, zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """A stored member's bytes, refused before reading when its size in the zip header is
+    over ``limit``, and read with a bounded read (a header cannot make it inflate further)."""
+    info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _refuse(path, f"member {name} is compressed; vijax checkpoints store their "
+                            "members uncompressed (was the file re-packed?)")
+    if info.file_size > limit:
+        raise _refuse(path, f"member {name} is {info.file_size} bytes, more than the "
+                            f"{limit} its manifest allows")
+    try:
+        with zf.open(name) as f:
+            raw = f.read(limit + 1)  # checks the zip CRC at the end
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise _refuse(path, f"member {name} is corrupt ({e})") from None
+    if len(raw) > limit:
+        raise _refuse(path, f"member {name} holds more than the {limit} bytes its manifest "
+                            "allows")
+    return raw
+
+
+def _check_layout(path: str, zf: zipfile.ZipFile) -> None:
+    """The file must be exactly what :func:`save` writes: the members back to back from byte
+    0, then the central directory and the end record(s), and nothing before, between or
+    after them (the digest covers the members, so any other bytes would go unchecked)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+
+        def read(at: int, n: int) -> bytes:
+            fh.seek(at)
+            return fh.read(n)
+
+        pos = 0
+        for info in sorted(zf.infolist(), key=lambda i: i.header_offset):
+            head = read(pos, _LOCAL_HEADER.size)
+            if info.header_offset != pos or len(head) < _LOCAL_HEADER.size or \
+                    head[:4] != b"PK\x03\x04":
+                raise _refuse(path, "it holds bytes before or between its zip members that "
+                                    "no vijax checkpoint has (the file was modified)")
+            if info.flag_bits & 0x08:
+                raise _refuse(path, f"member {info.filename} has a zip data descriptor, which "
+                                    "vijax checkpoints never have (the file was re-packed)")
+            *_, name_len, extra_len = _LOCAL_HEADER.unpack(head)
+            pos += _LOCAL_HEADER.size + name_len + extra_len + info.compress_size
+        end = read(size - _END.size, _END.size) if size >= _END.size else b""
+        if len(end) < _END.size or end[:4] != b"PK\x05\x06" or _END.unpack(end)[-1]:
+            raise _refuse(path, "it has data after the end of its zip archive (bytes were "
+                                "appended to the file)")
+        _, _, _, _, count, cd_size, cd_at, _ = _END.unpack(end)
+        end_at = size - _END.size
+        if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_at == 0xFFFFFFFF:  # zip64
+            loc = read(end_at - _END64_LOCATOR.size, _END64_LOCATOR.size)
+            sig, _, rec_at, _ = _END64_LOCATOR.unpack(loc) if len(loc) == 20 else (b"",) * 4
+            rec = read(rec_at, _END64.size) if sig == b"PK\x06\x07" else b""
+            if len(rec) < _END64.size or rec[:4] != b"PK\x06\x06" or \
+                    rec_at + _END64.size != end_at - _END64_LOCATOR.size:
+                raise _refuse(path, "its zip64 end records are not where a vijax checkpoint "
+                                    "has them (the file was modified)")
+            *_, cd_size, cd_at = _END64.unpack(rec)
+            end_at = rec_at
+        if cd_at != pos or zf.start_dir != pos or cd_at + cd_size != end_at:
+            raise _refuse(path, "its zip central directory is not where a vijax checkpoint "
+                                "has it (bytes were inserted or the file was modified)")
+
+
 def _read_manifest(path: str, zf: zipfile.ZipFile) -> dict:
     names = zf.namelist()
     if _MANIFEST not in names:
         raise _refuse(path, f"not a vijax checkpoint (no {_MANIFEST} member)")
+    raw = _read_bounded(path, zf, _MANIFEST, _MAX_MANIFEST_BYTES)
     try:
-        manifest = json.loads(zf.read(_MANIFEST).decode("utf-8"))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        manifest = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
         raise _refuse(path, f"its {_MANIFEST} is corrupt ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _refuse(path, f"not a vijax checkpoint ({_MANIFEST} does not name the format "
@@ -336,11 +422,30 @@ def _check_versions(path: str, manifest: dict) -> None:
                             "minor version (the layout of the fit state may differ)")
 
 
+def _member_bytes(path: str, member: dict) -> int:
+    """Bytes of a member's array data as its manifest record declares it (shape, dtype)."""
+    shape, dtype = member.get("shape"), member.get("dtype")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _refuse(path, f"its manifest gives member {member['name']} the invalid shape "
+                            f"{shape!r} (a list of non-negative ints)")
+    try:
+        dt = np.dtype(dtype) if isinstance(dtype, str) else None
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or dt.hasobject or dt.kind not in _STORED_KINDS:
+        raise _refuse(path, f"its manifest gives member {member['name']} the invalid or "
+                            f"unsupported dtype {dtype!r}")
+    return math.prod(shape) * dt.itemsize
+
+
 def _read_members(path: str, zf: zipfile.ZipFile, manifest: dict) -> dict[str, np.ndarray]:
     members = manifest.get("members")
     if not isinstance(members, list) or not all(
             isinstance(m, dict) and isinstance(m.get("name"), str) for m in members):
         raise _refuse(path, "its manifest has no valid member list")
+    if len({m["name"] for m in members}) != len(members):
+        raise _refuse(path, "its manifest lists a member twice")
     declared = {m["name"] + ".npy": m for m in members}
     names = zf.namelist()
     if len(set(names)) != len(names):
@@ -361,10 +466,13 @@ def _read_members(path: str, zf: zipfile.ZipFile, manifest: dict) -> dict[str, n
 
 def _read_array(path: str, zf: zipfile.ZipFile, member: dict) -> np.ndarray:
     name = member["name"] + ".npy"
-    try:
-        raw = zf.read(name)  # checks the zip CRC
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise _refuse(path, f"member {name} is corrupt ({e})") from None
+    size = _member_bytes(path, member)
+    stored = zf.getinfo(name).file_size
+    if stored < size:
+        raise _refuse(path, f"member {name} is {stored} bytes, too small for the "
+                            f"{member['dtype']} {member['shape']} array its manifest declares "
+                            "(truncated file?)")
+    raw = _read_bounded(path, zf, name, size + _MAX_NPY_HEADER_BYTES)
     f = io.BytesIO(raw)
     try:  # inspect the header first: an object dtype would need pickle to read
         version = np.lib.format.read_magic(f)
@@ -509,8 +617,9 @@ def _resolve_optimizer(path: str, manifest: dict, optimizer: Any):
         return optimizer
     if isinstance(record, dict) and record.get("kind") == "default":
         lr = record.get("learning_rate")
-        if isinstance(lr, bool) or not isinstance(lr, int | float):
-            raise _refuse(path, f"invalid default optimizer learning rate {lr!r}")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
+            raise _refuse(path, f"invalid default optimizer learning rate {lr!r} (a positive "
+                                "finite number)")
         return default_optimizer(lr)
     if isinstance(record, dict) and record.get("kind") == "custom":
         raise _refuse(path, "the fit used a custom optimizer, which a checkpoint cannot store; "
@@ -524,8 +633,47 @@ def _diagnostics(path: str, manifest: dict) -> Diagnostics:
     if not isinstance(saved, dict):
         raise _refuse(path, "its manifest has no diagnostics")
     defaults = Diagnostics._field_defaults
-    return Diagnostics(**{k: _decode(saved[k], f"diagnostics.{k}") if k in saved
-                          else defaults.get(k) for k in Diagnostics._fields})
+    out = Diagnostics(**{k: _decode(saved[k], f"diagnostics.{k}") if k in saved
+                         else defaults.get(k) for k in Diagnostics._fields})
+    _check_diagnostics(path, out, saved)
+    return out
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _check_diagnostics(path: str, d: Diagnostics, saved: dict) -> None:
+    """Refuse diagnostics no fit can produce (a hand-edited or forged manifest)."""
+    problems = [f"{k} is {getattr(d, k)!r}, not a count" for k in (
+        "n_steps", "n_nonfinite_skipped", "max_steps", "psis_draws")
+        if not _is_count(getattr(d, k))]
+    problems += [f"{k} is {getattr(d, k)!r}, not a number" for k in (
+        "wall_time", "final_loss", "k_hat", "ess") if not _is_number(getattr(d, k))]
+    if not problems:
+        if d.n_nonfinite_skipped > d.n_steps:
+            problems.append(f"n_nonfinite_skipped ({d.n_nonfinite_skipped}) is more than "
+                            f"n_steps ({d.n_steps})")
+        if "max_steps" in saved and d.max_steps < d.n_steps:
+            problems.append(f"max_steps ({d.max_steps}) is less than n_steps ({d.n_steps})")
+        if not 0 <= d.wall_time < math.inf:
+            problems.append(f"wall_time is {d.wall_time}")
+        if d.ess < 0:
+            problems.append(f"ess is {d.ess}")
+    if isinstance(d.num_particles, bool) or not isinstance(d.num_particles, int) or \
+            d.num_particles < 1:
+        problems.append(f"num_particles is {d.num_particles!r}, not an int >= 1")
+    if not isinstance(d.converged, bool):
+        problems.append(f"converged is {d.converged!r}, not true or false")
+    problems += [f"{k} is {getattr(d, k)!r}, not a string" for k in (
+        "objective", "estimator", "stop_reason", "k_hat_reading")
+        if not isinstance(getattr(d, k), str)]
+    if problems:
+        raise _refuse(path, "its diagnostics are impossible: " + "; ".join(problems))
 
 
 def load(path: str | os.PathLike, model, *, optimizer=None) -> FitResult:
@@ -556,11 +704,12 @@ def load(path: str | os.PathLike, model, *, optimizer=None) -> FitResult:
         >>> @vj.model(mu=vj.Latent())
         ... def m(z, y):
         ...     return dist.Normal(z["mu"], 1.0).log_prob(y).sum()
-        >>> res = vj.fit(m, jax.numpy.ones(3), steps=20)
+        >>> res = vj.fit(m, jax.numpy.ones(3), guide="meanfield", steps=20)
         >>> with tempfile.TemporaryDirectory() as d:
         ...     res.save(os.path.join(d, "fit.vjx"))
         ...     back = vj.load(os.path.join(d, "fit.vjx"), m)
-        >>> bool((back.params["loc"] == res.params["loc"]).all())
+        >>> all(bool((a == b).all()) for a, b in zip(jax.tree_util.tree_leaves(back.params),
+        ...                                           jax.tree_util.tree_leaves(res.params)))
         True
     """
     from vijax.model import Model
@@ -589,6 +738,7 @@ def _open(path: str) -> tuple[dict, dict[str, np.ndarray]]:
                             f"archive ({e})") from None
     with zf:
         manifest = _read_manifest(path, zf)
+        _check_layout(path, zf)
         _check_versions(path, manifest)
         arrays = _read_members(path, zf, manifest)
     stored = manifest.pop("sha256", None)
@@ -654,6 +804,9 @@ def _rebuild(path: str, manifest: dict, arrays: dict[str, np.ndarray], model,
     losses = _leaves(path, manifest, "losses")
     if not losses or len(losses) != 1 or len(losses[0]["shape"]) != 1:
         raise _refuse(path, "it has no (steps,) losses array")
+    if losses[0]["shape"][0] != diagnostics.n_steps:
+        raise _refuse(path, f"its losses hold {losses[0]['shape'][0]} steps but its "
+                            f"diagnostics say n_steps={diagnostics.n_steps}")
     key = _leaves(path, manifest, "loop_key")
     if key is not None and len(key) != 1:
         raise _refuse(path, "its loop_key is not a single PRNG key")
@@ -673,6 +826,7 @@ def _rebuild(path: str, manifest: dict, arrays: dict[str, np.ndarray], model,
         leaves = _leaves(path, manifest, group)
         out[group] = None if leaves is None else _restore(path, group, leaves, ref, arrays,
                                                           cache, mismatch)
+    _check_state_counts(path, out["state"], diagnostics)
     return FitResult(model=model, guide=guide, guide_spec=spec, diagnostics=diagnostics,
                      optimizer=optimizer, estimator=estimator, **out)
 
@@ -687,3 +841,15 @@ def _key_dtype(path: str, leaf: dict):
     if leaf["dtype"] != "uint32":
         raise _refuse(path, f"its loop_key has dtype {leaf['dtype']}, expected a PRNG key")
     return np.dtype(np.uint32)
+
+
+def _check_state_counts(path: str, state: Any, diagnostics: Diagnostics) -> None:
+    """The loop state's step and skip counters must be the diagnostics' own."""
+    if state is None:
+        return
+    for field, saved in (("step", diagnostics.n_steps),
+                         ("n_nonfinite", diagnostics.n_nonfinite_skipped)):
+        value = getattr(state, field, None)
+        if value is not None and int(np.asarray(value)) != saved:
+            raise _refuse(path, f"its fit state has {field}={int(np.asarray(value))} but its "
+                                f"diagnostics say {saved}")

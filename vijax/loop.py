@@ -100,7 +100,7 @@ def _step(objective, optimizer, rule, data, key, total_steps, avg_start, first_c
     failed = state.failed | (active & (n_consecutive >= max_consecutive))
     conv = state.conv
     if rule is not None:
-        conv = update_conv_state(rule, conv, jnp.where(ok, loss, jnp.nan), params,
+        conv = update_conv_state(rule, conv, jnp.where(ok, loss, jnp.nan), params, grads,
                                  state.step, first_chunk_end, active)
     new = FitState(params, opt_state, avg, state.step + active.astype(jnp.int32),
                    state.n_nonfinite + skipped.astype(jnp.int32), est_state, n_consecutive,

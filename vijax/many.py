@@ -21,19 +21,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vijax.convergence import ConvState, converged_params, resolve_convergence
+from vijax.convergence import ConvState, block_params_batched, describe_stop, resolve_convergence
 from vijax.estimators import resolve_estimator
 from vijax.fit import (
     DEFAULT_CHUNK,
+    DEFAULT_STEPS,
     _check_int,
     _check_log_joint,
     _check_loop_options,
     _final_loss,
     _fixed_init,
+    _n_params,
     _pipeline,
     _progress_bar,
     _resolve_dtype,
     check_data,
+    default_psis_draws,
 )
 from vijax.guides.resolve import resolve_spec
 from vijax.loop import stopped
@@ -195,11 +198,11 @@ class FitManyResult(Sequence):
 
 
 def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any = None,
-             guide: Any = None, steps: int = 2000, optimizer=None,
+             guide: Any = None, steps: int = DEFAULT_STEPS, optimizer=None,
              num_particles: int | None = None, init=None, average: float = 0.5,
              chunk_size: int = DEFAULT_CHUNK, dtype: Any = None, estimator: Any = None,
              convergence: Any = "auto", max_consecutive_nonfinite: int = 100,
-             progress: bool | None = None, psis_draws: int = 1000,
+             progress: bool | None = None, psis_draws: int | None = None,
              lanes_per_batch: int | None = None) -> FitManyResult:
     """Fit L problems as one vmapped, compiled program (see the module docstring).
 
@@ -234,6 +237,8 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
         >>> len(res), res[3].diagnostics.n_steps <= 300
         (4, True)
     """
+    if psis_draws is None and isinstance(model, Model):
+        psis_draws = default_psis_draws(model.target.dim)
     steps, chunk_size, limit, psis_draws = _check_loop_options(
         model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress)
     rule = resolve_convergence(convergence)
@@ -265,6 +270,8 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
         lanes_per_batch = _check_int("lanes_per_batch", lanes_per_batch)
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, _lane_data(data, data_axes, 0), dtype)
+    if rule is not None:
+        rule = rule.sized(*_n_params(target, spec, dtype.name))
     guide_fns, objective, runner, start, _ = _pipeline(
         target, spec, num_particles, optimizer, chunk_len, estimator, rule)
     fixed, mask = _fixed_init(target, init, dtype)
@@ -309,10 +316,8 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     converged = (np.asarray(state.conv.converged) if isinstance(state.conv, ConvState)
                  else np.zeros(n_lanes, bool))
     if isinstance(state.conv, ConvState):
-        conv_params = jax.vmap(converged_params)(state.conv)
-        params = jax.tree_util.tree_map(
-            lambda c, a: jnp.where(jnp.asarray(converged).reshape((-1,) + (1,) * (a.ndim - 1)),
-                                   c, a), conv_params, state.avg_params)
+        params = block_params_batched(state.conv, state.avg_params,
+                                      np.asarray(state.conv.converged))
     else:
         params = state.avg_params
 
@@ -355,6 +360,10 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
             final_loss=_final_loss(row), estimator=objective.estimator,
             converged=reason == "converged", stop_reason=reason, max_steps=steps,
             k_hat=float(k_hat[i]), ess=float(ess[i]), k_hat_reading=readings[i],
-            psis_draws=psis_draws if np.isfinite(k_hat[i]) else 0))
+            psis_draws=psis_draws if np.isfinite(k_hat[i]) else 0,
+            criterion=describe_stop(jax.tree_util.tree_map(lambda x, i=i: x[i], state.conv),
+                                    reason == "converged",
+                                    () if guide_fns.noise_dim else ("gradient",))
+            if isinstance(state.conv, ConvState) else "no stopping rule (convergence=None)"))
     return FitManyResult(model, spec, guide_fns, params, state, losses, diagnostics, errors,
                          optimizer, theta0, k_loop, estimator, data, data_axes)

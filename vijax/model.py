@@ -8,14 +8,29 @@ shape and support; :mod:`vijax.target` turns the declaration into a flat unconst
 from __future__ import annotations
 
 import dataclasses
+import functools
 import keyword
+import math
+import operator
+import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 from numpyro.distributions import constraints
 
-__all__ = ["Latent", "Model", "model"]
+__all__ = ["Latent", "Model", "model", "ModelWarning", "check_influence"]
+
+
+class ModelWarning(UserWarning):
+    """The model is probably not what was meant: a latent that does not influence the log
+    density (its posterior is flat, improper on an unbounded support), an observed NumPyro
+    site whose data was not passed, masked latent elements."""
 
 
 def _as_shape(shape: Any) -> tuple[int, ...]:
@@ -60,6 +75,50 @@ class Latent:
             )
 
 
+def _bounds(support: constraints.Constraint) -> tuple[Any, Any] | None:
+    """Concrete ``(lower, upper)`` bounds of an interval support (under ``independent``
+    wrappers); ``None`` for other supports or traced bounds."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if not (hasattr(support, "lower_bound") and hasattr(support, "upper_bound")):
+        return None
+    bounds = (support.lower_bound, support.upper_bound)
+    if any(isinstance(b, jax.core.Tracer) for b in bounds):
+        return None
+    return np.asarray(bounds[0], float), np.asarray(bounds[1], float)
+
+
+def _check_latent(name: str, lat: Latent) -> None:
+    """Refuse a latent without elements or with an empty or unbounded interval support."""
+    if math.prod(lat.shape) == 0:
+        raise ValueError(f"latent {name!r} has shape {lat.shape}, which has no elements; a "
+                         "latent needs at least one element: fix the shape or remove the "
+                         "latent")
+    bounds = _bounds(lat.support)
+    if bounds is None:
+        return
+    lo, hi = bounds
+    try:
+        lo, hi = np.broadcast_arrays(lo, hi)
+    except ValueError:
+        raise ValueError(f"latent {name!r}: the bounds of its support {lat.support} have "
+                         f"shapes {lo.shape} and {hi.shape}, which do not broadcast") from None
+    if lat.support.is_discrete:
+        empty = ~(np.ceil(lo) <= np.floor(hi))
+    else:
+        empty = ~(lo < hi)  # NaN bounds are empty too
+    if np.any(empty):
+        i = tuple(int(j) for j in np.argwhere(empty)[0])
+        raise ValueError(f"latent {name!r}: its support {lat.support} is empty (lower bound "
+                         f"{lo[i]} is not below upper bound {hi[i]}"
+                         f"{' at index ' + str(i) if i else ''}); give the bounds as "
+                         "(low, high) with low < high")
+    if not lat.support.is_discrete and not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise ValueError(f"latent {name!r}: the interval support {lat.support} needs finite "
+                         "bounds; for a half-line use constraints.greater_than(low) or "
+                         "constraints.less_than(high), for the real line constraints.real")
+
+
 def _validate_latents(latents: Any) -> dict[str, Latent]:
     if not isinstance(latents, Mapping):
         raise TypeError(f"latents must be a dict from name to vj.Latent, got {type(latents)}")
@@ -71,6 +130,7 @@ def _validate_latents(latents: Any) -> dict[str, Latent]:
             raise ValueError(f"invalid latent name {name!r}: names must be Python identifiers")
         if not isinstance(lat, Latent):
             raise TypeError(f"latent {name!r} must be declared with vj.Latent(...), got {lat!r}")
+        _check_latent(name, lat)
         out[name] = lat
     return out
 
@@ -160,3 +220,108 @@ def model(**latents: Latent) -> Callable[[Callable], Model]:
         return Model(log_joint=fn, latents=latents)
 
     return wrap
+
+
+# ---------------------------------------------------------------------------------------------
+# which latents the log density depends on: a structural check on the traced program (jaxpr),
+# with no values and nothing compiled
+def _sub_jaxpr(eqn) -> Jaxpr | None:
+    """The inner program of a call-like equation (``jit``, ``custom_jvp_call``, ...) whose
+    inputs and outputs are the equation's own; ``None`` for anything else."""
+    for key in ("jaxpr", "call_jaxpr"):
+        sub = eqn.params.get(key)
+        if isinstance(sub, ClosedJaxpr):
+            sub = sub.jaxpr
+        if isinstance(sub, Jaxpr) and len(sub.invars) == len(eqn.invars) and \
+                len(sub.outvars) == len(eqn.outvars):
+            return sub
+    return None
+
+
+def _propagate(jaxpr: Jaxpr, in_deps: list[int]) -> list[int]:
+    env = dict(zip(jaxpr.invars, in_deps, strict=True))
+
+    def read(v) -> int:
+        return 0 if isinstance(v, Literal) else env.get(v, 0)
+
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        sub = _sub_jaxpr(eqn)
+        if sub is not None:
+            outs = _propagate(sub, ins)
+        else:  # control flow and every other primitive: each output may use every input
+            outs = [functools.reduce(operator.or_, ins, 0)] * len(eqn.outvars)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def output_dependence(fn: Callable, *args: Any) -> list[int]:
+    """For each output leaf of ``fn(*args)``, the bitmask of the input leaves (``args``
+    flattened, bit ``i`` for leaf ``i``) it may depend on.
+
+    Found on the traced program (``jax.make_jaxpr``: nothing is compiled or run): an output
+    depends on an input when a chain of operations joins them. This over-approximates (``0 *
+    x`` and a branch never taken count as dependence), so "no bit set" is certain: the output
+    is the same for every value of that input.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> output_dependence(lambda a, b, c: (a * c, jnp.sin(b)), 1.0, 2.0, 3.0)
+        [5, 2]
+    """
+    closed = jax.make_jaxpr(fn)(*args)
+    return _propagate(closed.jaxpr, [1 << i for i in range(len(closed.jaxpr.invars))])
+
+
+def check_influence(model: Model, data: Any, dtype: Any) -> None:
+    """Warn (:class:`ModelWarning`) when the log density does not depend on a declared latent.
+
+    Such a latent's posterior is flat: improper on an unbounded support, and a fit of it
+    drifts without end. The check traces ``model.log_density`` once on abstract latents of
+    the declared shapes (``dtype``; discrete ones int32) and ``data`` (see
+    :func:`output_dependence`); nothing is compiled.
+
+    Example:
+        >>> import warnings
+        >>> m = Model(lambda z, d: -z["a"] ** 2, {"a": Latent(), "typo": Latent()})
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     check_influence(m, None, jnp.float32)
+        >>> "'typo' does not influence" in str(w[0].message)
+        True
+    """
+    target = model.target
+    names = target.names + target.discrete_names
+    z = ([jax.ShapeDtypeStruct(b.shape, dtype) for b in target.blocks]
+         + [jax.ShapeDtypeStruct(b.shape, jnp.int32) for b in target.discrete])
+
+    def density(zs, data):
+        return model.log_density(dict(zip(names, zs, strict=True)), data)
+
+    deps = output_dependence(density, z, data)[0]
+    unused = [name for i, name in enumerate(names) if not deps >> i & 1]
+    if not unused:
+        return
+    if len(unused) == len(names):
+        message = (f"the log density does not depend on any latent ({list(names)}): it is "
+                   "constant, so the posterior is flat (improper unless every support is "
+                   "bounded) and there is nothing to fit; check that the model uses z[...]")
+    else:
+        what = (f"latent {unused[0]!r} does not" if len(unused) == 1 else
+                f"latents {unused} do not")
+        message = (f"{what} influence the log density: the model never uses "
+                   + ", ".join(f"z[{n!r}]" for n in unused) + " in a way that reaches its "
+                   "value, so its posterior is flat (improper unless its support is "
+                   "bounded); give it a prior and use it, or remove it from the declared "
+                   "latents")
+    warnings.warn(message, ModelWarning, stacklevel=user_stacklevel())
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called in the caller of this function that
+    points at the first frame outside vijax (the user's call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -47,8 +47,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import inspect
 import math
 import threading
+import warnings
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -60,7 +62,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
-from vijax.model import Latent, Model
+from vijax.model import Latent, Model, ModelWarning, output_dependence, user_stacklevel
 
 __all__ = ["from_numpyro"]
 
@@ -236,8 +238,9 @@ def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
 
 
 def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple
-              ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any]]:
-    """Latent shapes/dtypes and supports from one abstract trace (nothing is compiled).
+              ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any], list[str]]:
+    """Latent shapes/dtypes, supports and the masked latent sites (``obs_mask``,
+    ``handlers.mask``, ``.mask()``) from one abstract trace (nothing is compiled).
 
     The dynamic data are abstract, as in the compiled fit, so a model that cannot run on them
     fails here. A support whose parameters are traced depends on data or on other latents:
@@ -245,6 +248,7 @@ def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: 
     to reject supports that depend on latents.
     """
     found: dict[str, tuple] = {}
+    masked: list[str] = []
 
     def run(data: tuple) -> None:
         args, kwargs = _rebuild(treedef, static, data)
@@ -254,6 +258,8 @@ def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: 
                          for x in jax.tree_util.tree_leaves(support))
             found[site_name] = (jax.ShapeDtypeStruct(jnp.shape(value), jnp.result_type(value)),
                                 None if traced else support)
+            if _site_mask(site) is not None:
+                masked.append(site_name)
 
     with _explain_tracer_errors(name):
         jax.eval_shape(run, data)
@@ -267,7 +273,82 @@ def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: 
         supports = {k: site["fn"].support for k, site in first.items()}
     supports = {k: _finite_support(sup, k, name) if sup.is_discrete else sup
                 for k, sup in supports.items()}
-    return values, supports
+    return values, supports, masked
+
+
+def _site_mask(site: dict) -> Any:
+    """The mask of a sample site (``handlers.mask``, ``obs_mask``, ``fn.mask(...)``), the
+    two combined; ``None`` when it has none."""
+    masks = [m for m in (site.get("mask"), getattr(site["fn"], "_mask", None))
+             if m is not None and m is not True]
+    if not masks:
+        return None
+    return masks[0] if len(masks) == 1 else jnp.logical_and(*masks)
+
+
+def _warn_masked(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple,
+                 masked: list[str]) -> None:
+    """Warn naming each latent site some of whose elements are masked out: they add nothing
+    to the density, so their posterior is flat. One eager trace (the masks come from data)."""
+    args, kwargs = _rebuild(treedef, static, data)
+    sites = _latent_sites(_trace(model_fn, args, kwargs, 0.0), name)
+    for site_name in masked:
+        site = sites[site_name]
+        shape = jnp.shape(site["value"])
+        batch = shape[:len(shape) - site["fn"].event_dim]
+        keep = np.broadcast_to(np.asarray(_site_mask(site), bool), batch)
+        n_out = int(keep.size - np.count_nonzero(keep))
+        if not n_out:
+            continue
+        base = site_name[:-len("_unobserved")] if site_name.endswith("_unobserved") else None
+        how = (f"numpyro's obs_mask made it a latent of the full shape of {base!r}, with the "
+               f"observed entries masked out; vijax would fit those. Observe the present "
+               f"values and impute only the missing ones: numpyro.sample({base!r}, ..., "
+               f"obs={base}[mask]) and a latent site for {base}[~mask]" if base else
+               "give every element of the latent a density, or declare only the elements "
+               "that have one")
+        warnings.warn(f"numpyro model {name!r}: latent site {site_name!r} has {n_out} of "
+                      f"{keep.size} elements masked out: they add nothing to the log density, "
+                      f"so their posterior is flat (improper on an unbounded support). {how}",
+                      ModelWarning, stacklevel=user_stacklevel())
+
+
+def _none_arguments(model_fn: Callable, args: tuple, kwargs: dict) -> list[str]:
+    """Names of the model's parameters that are ``None`` in this call (given or default)."""
+    try:
+        bound = inspect.signature(model_fn).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return []
+    bound.apply_defaults()
+    return [k for k, v in bound.arguments.items() if v is None]
+
+
+def _warn_unobserved(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple,
+                     values: dict[str, jax.ShapeDtypeStruct], nones: list[str]) -> None:
+    """Warn naming each latent site that no other site depends on, when some argument is
+    ``None``: most likely an observed site whose data was not passed (``obs=None`` makes a
+    latent of it, and vijax would fit its prior). Structural: one trace, nothing compiled."""
+    names, order = list(values), []
+
+    def site_terms(zs, data):
+        args, kwargs = _rebuild(treedef, static, data)
+        with (handlers.trace() as tr,
+              handlers.substitute(data=dict(zip(names, zs, strict=True))),
+              handlers.seed(rng_seed=0)):
+            model_fn(*args, **kwargs)
+        order[:] = [k for k, site in tr.items() if site["type"] == "sample"]
+        return [jnp.sum(tr[k]["fn"].log_prob(tr[k]["value"])) for k in order]
+
+    deps = output_dependence(site_terms, [values[k] for k in names], data)
+    for i, site_name in enumerate(names):
+        if any(d >> i & 1 for other, d in zip(order, deps, strict=True) if other != site_name):
+            continue
+        warnings.warn(
+            f"numpyro model {name!r}: latent site {site_name!r} is used by no other site, and "
+            f"argument(s) {nones} are None: if {site_name!r} is an observed site, its data "
+            "was not passed (obs=None makes it a latent, so vijax would fit its prior instead "
+            f"of conditioning on it). Pass the data: from_numpyro({name}, ..., "
+            f"{nones[0]}=...)", ModelWarning, stacklevel=user_stacklevel())
 
 
 def _finite_support(support: Any, site_name: str, name: str) -> Any:
@@ -392,6 +473,12 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
         A :class:`~vijax.model.Model` with ``latents`` ``{site: Latent(shape, support)}``,
         ``log_joint(z, data) -> scalar`` and ``data`` the tuple of dynamic leaves.
 
+    Warns:
+        vijax.ModelWarning: a latent site has masked-out elements (``obs_mask``,
+            ``handlers.mask``), which add no density (a flat, improper posterior); or an
+            argument of ``model_fn`` is ``None`` and a latent site is used by no other site
+            (most likely an observation whose data was not passed, ``obs=None``).
+
     Raises:
         TypeError: ``model_fn`` is not callable.
         ValueError: the model has no latent site, a discrete latent site's support is
@@ -429,7 +516,7 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     name = _model_name(model_fn)
     treedef, static, data = _split(args, kwargs)
 
-    values, supports = _discover(model_fn, name, treedef, static, data)
+    values, supports, masked = _discover(model_fn, name, treedef, static, data)
     latents = {k: Latent(shape=v.shape, support=supports[k]) for k, v in values.items()}
 
     key = _cache_key(model_fn, treedef, static, latents)
@@ -440,6 +527,11 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     log_joint = _make_log_joint(model_fn, name, treedef, static)
     with _explain_tracer_errors(name):  # one abstract evaluation: fail here, not in the fit
         jax.eval_shape(log_joint, values, data)
+    if masked:
+        _warn_masked(model_fn, name, treedef, static, data, masked)
+    nones = _none_arguments(model_fn, args, kwargs)
+    if nones:
+        _warn_unobserved(model_fn, name, treedef, static, data, values, nones)
     template = Model(log_joint=log_joint, latents=latents)  # the cache keeps no data
     if key is not None:
         _cache_put(key, template)

@@ -150,8 +150,8 @@ def predictive(res: FitResult, fn: Callable, key: jax.Array, n: int, *,
         ... def m(z, y):
         ...     lp = dist.Normal(0, 10).log_prob(z["mu"])
         ...     return lp + dist.Normal(z["mu"], 1).log_prob(y).sum()
-        >>> res = vj.fit(m, jax.numpy.ones(5), steps=100, convergence=None, progress=False,
-        ...              psis_draws=0)
+        >>> res = vj.fit(m, jax.numpy.ones(5), guide="meanfield", steps=100,
+        ...              convergence=None, progress=False, psis_draws=0)
         >>> x_new = jax.numpy.arange(3.0)
         >>> out = vj.predictive(res, lambda z: {"mean": z["mu"] + x_new}, jax.random.key(1), 10)
         >>> out["mean"].shape

@@ -25,7 +25,9 @@ class Diagnostics(NamedTuple):
     ``ladder`` holds one ``(rung, final_loss, k_hat, wall_time, error)`` per rung tried
     (``error`` is ``""``, or the message of a rung that could not be fitted and was skipped)
     and
-    ``rung`` the one chosen;
+    ``rung`` the one chosen; ``criterion`` states which stopping criterion fired (or
+    failed) with its measured figures; ``preconditioning`` how the fit's coordinates were
+    whitened (or why not);
     ``objective`` names the loss (``"neg_elbo"``, ``"neg_iwae_bound"``, ...) and
     ``estimator`` the gradient estimator chosen (e.g. ``"reparam (continuous) + score
     function with rloo baseline (discrete: z)"``)."""
@@ -46,6 +48,8 @@ class Diagnostics(NamedTuple):
     psis_draws: int = 0
     ladder: tuple = ()
     rung: str = ""
+    criterion: str = ""
+    preconditioning: str = ""
 
 
 @functools.lru_cache(maxsize=128)
@@ -108,7 +112,7 @@ class Summary(Mapping):
 
     def __str__(self) -> str:
         rows = self.rows()
-        width = max(8, *(len(r[0]) for r in rows))
+        width = max([8, *(len(r[0]) for r in rows)])
         head = f"{'':<{width}} {'mean':>10} {'sd':>10} {'5%':>10} {'50%':>10} {'95%':>10}"
         lines = [head, "-" * len(head)]
         for r in rows:
@@ -226,6 +230,8 @@ class FitResult:
                 raise ValueError(f"every entry of draws needs the same leading (draw) axis; got "
                                  f"{sizes}")
             n = next(iter(sizes.values()))
+            if n < 1:
+                raise ValueError("draws holds no draws (a leading axis of size 0)")
         stats = {}
         for name, d in draws.items():
             d = np.asarray(d, np.float64)

@@ -257,7 +257,13 @@ class Target:
                              f"{list(self.all_names)}")
         for name, value in z.items():
             b = self.block(name)
-            v = np.asarray(value)
+            try:
+                v = np.asarray(value)
+            except ValueError:  # a ragged list
+                v = np.asarray(None)
+            if v.dtype.kind not in "biuf":
+                raise TypeError(f"latent {name!r}: value must be a number or an array of "
+                                f"numbers, got {type(value).__name__} {value!r}")
             if v.shape != b.shape:
                 raise ValueError(f"latent {name!r}: value has shape {v.shape}, "
                                  f"declared shape is {b.shape}")

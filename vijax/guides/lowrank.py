@@ -61,6 +61,35 @@ class LowRank:
                              "unconstrained latents it covers; use rank <= dim or 'fullrank'")
         return rank
 
+    @staticmethod
+    def params_from(loc: np.ndarray, cov: np.ndarray, rank: int) -> dict[str, np.ndarray]:
+        """Parameters (numpy, float64) of a low-rank Gaussian ``N(loc, S (I + W W^T) S)``
+        close to ``N(loc, cov)``: ``S = s I`` with ``s^2`` half the smallest eigenvalue of
+        ``cov``, and ``W`` the canonical (lower-trapezoidal, positive diagonal) factor of the
+        top ``rank`` eigenpairs of ``cov / s^2 - I``: exact when ``rank == dim``.
+
+        Example:
+            >>> import numpy as np
+            >>> p = LowRank.params_from(np.zeros(2), np.array([[2.0, 1.0], [1.0, 2.0]]), 2)
+            >>> sorted(p)
+            ['cov_factor', 'loc', 'raw_scale']
+        """
+        cov = 0.5 * (np.asarray(cov, np.float64) + np.asarray(cov, np.float64).T)
+        dim = cov.shape[0]
+        eig = np.linalg.eigvalsh(cov)
+        s2 = 0.5 * max(float(eig[0]), 1e-12)
+        m = cov / s2 - np.eye(dim)
+        lam, vec = np.linalg.eigh(0.5 * (m + m.T))
+        w0 = vec[:, ::-1][:, :rank] * np.sqrt(np.maximum(lam[::-1][:rank], 0.0))
+        q, r = np.linalg.qr(w0.T)  # w0 = r^T q^T: w0 q = r^T is lower-trapezoidal
+        w = r.T * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
+        dg = np.maximum(np.diag(w)[:rank], 1e-6)
+        raw = np.where(np.eye(dim, rank, dtype=bool), 0.0, w)
+        raw[np.arange(rank), np.arange(rank)] = np.asarray(softplus_inverse(dg))
+        return {"loc": np.asarray(loc, np.float64),
+                "raw_scale": np.full(dim, float(softplus_inverse(np.sqrt(s2)))),
+                "cov_factor": raw}
+
     def build(self, dim: int, names: tuple[str, ...]) -> Guide:
         rank = self.resolved_rank(dim)
         init_scale = self.init_scale

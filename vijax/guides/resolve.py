@@ -25,6 +25,10 @@ GUIDE_NAMES = {"delta": Delta, "meanfield": MeanField, "lowrank": LowRank,
 
 
 def _family(spec: Any, where: str):
+    if isinstance(spec, type):
+        raise TypeError(f"invalid guide {spec.__name__}{where}: that is the class, not a "
+                        f"configured guide; pass vj.guides.{spec.__name__}() (with its "
+                        "options as arguments) or a name such as 'meanfield'")
     if isinstance(spec, str):
         try:
             return GUIDE_NAMES[spec]()
