@@ -94,3 +94,15 @@ def raw_fit(model, data=None, **kw):
         kw.setdefault("guide", "meanfield")
         kw.setdefault("precondition", None)
     return vj.fit(model, data, **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop compiled programs after each test module. XLA's CPU JIT maps memory for every
+    executable; one process that keeps every program of the suite alive runs out of memory
+    mappings (vm.max_map_count, 65,530) and aborts inside LLVM. Compile-cache tests run
+    inside one module, so nothing they check spans modules."""
+    yield
+    from vijax.stages import clear_caches
+
+    clear_caches()

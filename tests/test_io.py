@@ -250,8 +250,9 @@ def test_tampered_manifest(saved, tmp_path):
     (lambda m: m.update(vijax_version="9.9.0"), r"written by vijax 9\.9\.0, this is vijax"),
     (lambda m: m.update(format_version=vio.FORMAT_VERSION + 1), "newer than the format"),
     (lambda m: m.update(format_version=1), "format 1, whose full-rank Gaussian parameters"),
+    (lambda m: m.update(format_version=2), "format 2, whose loop state lacks"),
     (lambda m: m.update(format="something-else"), "not a vijax checkpoint"),
-], ids=["vijax-version", "format-version", "old-format", "format"])
+], ids=["vijax-version", "format-version", "old-format", "format-2", "format"])
 def test_version_mismatch(saved, tmp_path, change, match):
     path = _rewrite(saved, tmp_path / "v.vjx", _edit_manifest(change))
     with pytest.raises(ValueError, match=match):

@@ -791,16 +791,22 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
     Maximises the ELBO ``E_q[log p(x, z)] - E_q[log q(z)]`` (or the estimator's bound) over
     the guide's parameters in the unconstrained space of the latents, with Monte Carlo
     gradients and any Optax optimizer, ``chunk_size`` steps per compiled ``lax.scan`` call,
-    until the stopping rule says the loss no longer decreases (:mod:`vijax.convergence`) or
-    ``steps`` steps have run. The returned parameters are an average of late iterates
-    (Dhaka et al. 2020): over the last two blocks of the stopping rule when it stopped the
-    fit, else over the last ``average`` fraction of steps. Every fit ends with a PSIS check
-    of q against the model (``res.diagnostics.k_hat``).
+    until the stopping rule says the iterate average has stopped moving in units of the
+    posterior's scale (:mod:`vijax.convergence`) or ``steps`` steps have run. By default
+    (``precondition="auto"``) the family is fitted in coordinates whitened by the curvature
+    of the log density at its Newton-polished mode (:mod:`vijax.precondition`). The returned
+    parameters are an average of late iterates (Dhaka et al. 2020): over the last two blocks
+    of the stopping rule when it stopped the fit, else over the last ``average`` fraction of
+    steps. Every fit ends with a PSIS check of q against the model
+    (``res.diagnostics.k_hat``, ``k_hat_reading``), and warns
+    (:class:`vijax.ConvergenceWarning`) when it did not converge or PSIS reads q as
+    unreliable.
 
     Args:
         model: a :class:`vijax.Model` (``vj.model`` decorator, ``vj.Model``, ``vj.from_numpyro``).
         data: data pytree passed to the model; ``None`` uses the data bound to the model.
-        guide: ``"delta"``, ``"meanfield"`` (default), ``"lowrank"``, ``"fullrank"``,
+        guide: ``"auto"`` (default), ``"delta"``, ``"meanfield"``, ``"lowrank"``,
+            ``"fullrank"``,
             ``"iaf"``, ``"spline"``, ``"realnvp"``, ``"laplace"`` (MAP, then the Gaussian
             with the inverse Hessian at the mode: :mod:`vijax.guides.laplace`), ``"auto"``
             (the ladder delta -> laplace -> meanfield -> lowrank -> fullrank -> iaf, stopping
@@ -808,8 +814,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
             configured object
             (``vj.guides.LowRank(rank=5)``), or a dict from latent name (or tuple of names)
             to either, for a structured guide of independent blocks.
-        steps: the maximum number of optimisation steps (>= 1); exactly this many with
-            ``convergence=None``.
+        steps: the maximum number of optimisation steps (>= 1, default 10,000); exactly
+            this many with ``convergence=None``.
         optimizer: an Optax ``GradientTransformation``; default :func:`default_optimizer` with
             the guide's ``default_learning_rate`` (0.05 Gaussian families, 0.01 IAF, 0.003
             coupling flows).
@@ -847,7 +853,14 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
             ``k`` then ``m`` resumed steps give bitwise the parameters and optimizer state of
             ``k + m`` uninterrupted steps (on CPU). ``guide``, ``estimator``, ``optimizer``,
             ``num_particles``, ``init``, ``init_from`` must be left unset.
-        psis_draws: draws of q for the PSIS diagnostic at the end (0 turns it off).
+        psis_draws: draws of q for the PSIS diagnostic at the end (0 turns it off);
+            ``None``: ``200 * dim`` between 2,000 and 10,000.
+        precondition: ``"auto"`` (default, ``vj.Precondition()``): fit the family in
+            coordinates whitened by the curvature at the mode (the Laplace approximation, or
+            a mean-field fit where the Laplace approximation does not describe the
+            posterior), recorded in ``res.diagnostics.preconditioning``; ``None`` fits in
+            the model's own coordinates. Not applied to structured dicts, discrete latents,
+            more than ``max_dim`` dimensions, ``init_from`` or ``resume``.
 
     Returns:
         A :class:`vijax.FitResult`; ``res.losses`` has shape ``(n_steps,)`` (all steps run,

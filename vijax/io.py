@@ -1,7 +1,8 @@
 """Pickle-free checkpoints of fit results: ``res.save(path)`` / ``vj.load(path, model)``.
 
-File format (``FORMAT_VERSION`` 2; format 1 stored full-rank Cholesky off-diagonals in
-absolute units and is refused). One uncompressed zip archive, a valid ``.npz`` file (so
+File format (``FORMAT_VERSION`` 3; format 2 held the stopping rule's state without its
+gradient statistics, format 1 stored full-rank Cholesky off-diagonals in absolute units; both
+are refused). One uncompressed zip archive, a valid ``.npz`` file (so
 ``numpy.load(path, allow_pickle=False)`` can inspect it), with these members:
 
 - ``manifest.json``: UTF-8 JSON, described below.
@@ -80,7 +81,8 @@ from vijax.result import Diagnostics, FitResult
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "vijax-checkpoint"
-FORMAT_VERSION = 2  # 2: full-rank off-diagonals relative to their row's scale
+FORMAT_VERSION = 3  # 3: the stopping rule's gradient statistics in the loop state
+# 2: full-rank off-diagonals relative to their row's scale
 _MANIFEST = "manifest.json"
 _MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists leaves and members: far below this
 _MAX_NPY_HEADER_BYTES = 1 << 16  # a .npy header (magic, length, dict) of a vijax array
@@ -410,6 +412,11 @@ def _check_versions(path: str, manifest: dict) -> None:
         raise _refuse(path, f"it is in checkpoint format {fmt}, newer than the format "
                             f"{FORMAT_VERSION} this vijax ({vijax.__version__}) reads; upgrade "
                             "vijax")
+    if fmt == 2:
+        raise _refuse(path, f"it is in checkpoint format 2, whose loop state lacks the "
+                            f"stopping rule's gradient statistics of format {FORMAT_VERSION} "
+                            "(it cannot be resumed under the current rule); refit and save "
+                            "again")
     if fmt < FORMAT_VERSION:
         raise _refuse(path, f"it is in checkpoint format {fmt}, whose full-rank Gaussian "
                             f"parameters mean something else in format {FORMAT_VERSION} (the "

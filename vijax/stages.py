@@ -29,6 +29,22 @@ from vijax.result import Diagnostics, FitResult
 __all__ = ["fit_staged", "laplace_params"]
 
 
+def clear_caches() -> None:
+    """Drop every compiled program vijax and JAX hold (the next fit compiles again): for
+    long-lived processes that fit many different models (each compiled program keeps its
+    machine code mapped in memory)."""
+    import gc
+
+    from vijax import curvature, fit, loop, many, precondition, result
+
+    for module in (fit, loop, many, precondition, result, curvature):
+        for value in vars(module).values():
+            if hasattr(value, "cache_clear"):
+                value.cache_clear()
+    jax.clear_caches()
+    gc.collect()
+
+
 def fit_staged(spec, model, data, kw: dict[str, Any]) -> FitResult:
     """Dispatch for the multi-stage fits (``kw``: the other arguments of ``fit``): Laplace,
     the ladder, and any family fitted in preconditioned coordinates."""
