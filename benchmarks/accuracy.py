@@ -10,6 +10,8 @@ posteriors ``QUICK_POSTERIORS``) and one particle per gradient estimate:
   rule on, tail iterate averaging, PSIS check): ``G`` = meanfield, lowrank, fullrank, iaf,
   laplace (MAP, then the inverse Hessian) and auto (the guide ladder; every rung gets the
   budget, so it may run several times as many steps).
+* ``vijax_default`` (and ``vijax_default_psis``): ``vj.fit(post.model, post.data,
+  key=key(0))`` with nothing else (the library's default guide and step limit).
 * ``vijax_auto_psis``: the ``auto`` fit itself (not refitted; its time is the resampling
   only), its draws resampled by their Pareto-smoothed importance weights
   (``res.psis_resample(key, DRAWS, pool=4 * DRAWS)``), the correction vijax offers for every
@@ -66,7 +68,8 @@ QUICK_POSTERIORS = ("eight_schools-eight_schools_centered", "sblri-blr", "arK-ar
                     "low_dim_gauss_mix-low_dim_gauss_mix")
 VIJAX = {"vijax_meanfield": "meanfield", "vijax_lowrank": "lowrank",
          "vijax_fullrank": "fullrank", "vijax_iaf": "iaf", "vijax_laplace": "laplace",
-         "vijax_auto": "auto", "vijax_auto_psis": "auto"}
+         "vijax_auto": "auto", "vijax_auto_psis": "auto", "vijax_default": "default",
+         "vijax_default_psis": "default"}
 PSIS_POOL = 4 * DRAWS
 
 
@@ -90,6 +93,7 @@ METHODS = (*VIJAX, *NUMPYRO)
 LABELS = {"vijax_meanfield": "vj meanfield", "vijax_lowrank": "vj lowrank",
           "vijax_fullrank": "vj fullrank", "vijax_iaf": "vj iaf", "vijax_laplace": "vj laplace",
           "vijax_auto": "vj auto", "vijax_auto_psis": "vj auto+PSIS",
+          "vijax_default": "vj default", "vijax_default_psis": "vj default+PSIS",
           "numpyro_normal": "NP Normal",
           "numpyro_lowrank": "NP LowRankMVN", "numpyro_mvn": "NP MVN", "numpyro_iaf": "NP IAF",
           "numpyro_laplace": "NP Laplace"}
@@ -115,8 +119,11 @@ def _fit_vijax(post, guide: str, steps: int, name: str, corrected: bool) -> tupl
     key = (name, guide, steps)
     res = _LAST_FIT.get(key) if corrected else None
     if res is None:
-        res = vj.fit(post.model, post.data, guide=guide, steps=steps,
-                     key=jax.random.key(SEED), progress=False)
+        if guide == "default":  # what a new user gets: no guide, no step count
+            res = vj.fit(post.model, post.data, key=jax.random.key(SEED), progress=False)
+        else:
+            res = vj.fit(post.model, post.data, guide=guide, steps=steps,
+                         key=jax.random.key(SEED), progress=False)
         _LAST_FIT.clear()
         _LAST_FIT[key] = res
     d = res.diagnostics

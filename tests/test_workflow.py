@@ -198,7 +198,7 @@ def test_psis_on_a_fit_and_corrected_expectations():
     # (1,000 draws: k-hat of this mean-field q is near 0.7 and its estimate grows with more)
     res = raw_fit(NORMAL, Y, key=jax.random.key(0), psis_draws=1000)
     assert np.isfinite(res.diagnostics.k_hat) and res.diagnostics.k_hat < 0.7
-    assert res.diagnostics.k_hat_reading in ("good", "usable")
+    assert res.diagnostics.k_hat_reading.startswith(("good", "usable"))
     draws, ps = res.psis(jax.random.key(1), 2000, data=Y)
     assert draws["mu"].shape == (2000,) and ps.log_weights.shape == (2000,)
     mean = res.psis_mean(jax.random.key(1), 2000, data=Y)

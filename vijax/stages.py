@@ -242,15 +242,22 @@ def fit_preconditioned(spec, model, data, kw: dict[str, Any]) -> FitResult:
         except (ValueError, TypeError, FloatingPointError) as e:
             note = f"no Laplace approximation ({type(e).__name__}: {str(e)[:160]}); "
         if source is None:
-            source = _fit()(model, data, guide=MeanField(), precondition=None, **inner)
-            note += ("whitened by a mean-field Gaussian fitted in the model's own "
-                     f"coordinates (k-hat {source.diagnostics.k_hat:.2f})")
-        whitened = Whitened(base=unit_family(spec), full=spec.name in _DENSE)
-        res = _fit()(model, data, guide=whitened, init_from=source, precondition=None,
-                     **{**inner, "init": None})
+            try:
+                source = _fit()(model, data, guide=MeanField(), precondition=None, **inner)
+                note += ("whitened by a mean-field Gaussian fitted in the model's own "
+                         f"coordinates (k-hat {source.diagnostics.k_hat:.2f})")
+            except (ValueError, FloatingPointError) as e:  # a warm start never sinks the fit
+                note += (f"not whitened: the mean-field warm start failed "
+                         f"({type(e).__name__}: {str(e)[:160]})")
+        if source is None:
+            res = _fit()(model, data, guide=spec, precondition=None, **inner)
+        else:
+            whitened = Whitened(base=unit_family(spec), full=spec.name in _DENSE)
+            res = _fit()(model, data, guide=whitened, init_from=source, precondition=None,
+                         **{**inner, "init": None})
     d = res.diagnostics._replace(wall_time=time.perf_counter() - t0, preconditioning=note)
     res = dataclasses.replace(res, diagnostics=d)
-    warn_if_untrusted(res, stacklevel=4)
+    warn_if_untrusted(res, stacklevel=5)
     return res
 
 
@@ -275,7 +282,9 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
         later = rungs[i + 1:]
         if rung == "delta" and "laplace" in later:
             continue  # the Laplace rung finds the mode itself (Newton from the initial point)
-        if have_laplace and rung in ("meanfield", "lowrank") and "fullrank" in later:
+        if rung == "lowrank" and "fullrank" in later:
+            continue  # low rank is for dimensions where a dense covariance costs too much
+        if have_laplace and rung == "meanfield" and "fullrank" in later:
             continue  # whitened by the Laplace covariance, full rank costs little more
         t0 = time.perf_counter()
         rung_spec = _rung_spec(rung, prev, spec)
@@ -325,7 +334,7 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
         # weights: q is exact) does
         final = rung not in ("delta", "laplace") or not any(r in _VARIATIONAL for r in later)
         if final and rung != "delta" and d.k_hat < spec.threshold and \
-                not d.k_hat_reading.startswith("unreliable"):
+                "PSIS-corrected" not in d.k_hat_reading:
             chosen = res
             break
     if not fitted:
@@ -345,7 +354,7 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
     diagnostics = chosen.diagnostics._replace(ladder=tuple(records),
                                               rung=chosen.guide_spec.name)
     res = dataclasses.replace(chosen, diagnostics=diagnostics)
-    warn_if_untrusted(res, stacklevel=4)
+    warn_if_untrusted(res, stacklevel=5)
     return res
 
 
