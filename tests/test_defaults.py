@@ -215,3 +215,19 @@ def test_odeint_model_fits_by_default_against_quadrature():
     assert abs(k.mean() - mean) / sd < 0.15 and abs(k.std() / sd - 1) < 0.1
     assert "reverse-over-reverse" in res.diagnostics.ladder[0][4] or \
         res.diagnostics.ladder[0][0] == "laplace"
+
+
+def test_default_fit_with_discrete_latents_returns_a_variational_rung():
+    # no Laplace rung (discrete latents): the delta rung only starts the ladder and is never
+    # returned; p(x | b) is bimodal, so the factorised q is flagged
+    from numpyro.distributions import constraints
+
+    m = vj.Model(lambda z, d: dist.Bernoulli(0.3).log_prob(z["b"]).sum() + dist.Normal(
+        z["b"] * 2.0, 1.0).log_prob(z["x"]).sum(),
+        {"b": vj.Latent((2,), constraints.boolean), "x": vj.Latent((2,))})
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        res = vj.fit(m, progress=False)
+    assert res.diagnostics.rung in ("meanfield", "fullrank", "iaf")
+    x = np.asarray(res.sample(jax.random.key(1), 4000)["x"])
+    assert x.std() > 0.5  # a distribution, not the point mass of the delta rung

@@ -318,7 +318,7 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
                             f"{best_loss:.4g} for a simpler rung"))
             continue
         records.append((rung, d.final_loss, d.k_hat, time.perf_counter() - t0, ""))
-        fitted.append(res)
+        fitted.append((rung, res))
         if variational:
             best_loss = min(best_loss, d.final_loss)
         if rung == "laplace":
@@ -343,12 +343,14 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
     if chosen is None:
         # no rung met the threshold: the variational rung with the best bound (lowest
         # loss: the smallest KL(q || p), comparable across families), else the lowest k-hat
-        scored = [r for r in fitted if r.guide.name in _VARIATIONAL
+        # (by rung name: with discrete latents the guide's own name has a suffix)
+        scored = [r for name, r in fitted if name in _VARIATIONAL
                   and np.isfinite(r.diagnostics.final_loss)]
         if scored:
             chosen = min(scored, key=lambda r: r.diagnostics.final_loss)
         else:
-            scored = [r for r in fitted if not np.isnan(r.diagnostics.k_hat)] or fitted
+            scored = [r for _, r in fitted if not np.isnan(r.diagnostics.k_hat)] or \
+                [r for _, r in fitted]
             chosen = min(scored, key=lambda r: np.nan_to_num(
                 r.diagnostics.k_hat, nan=np.inf, neginf=-np.inf))
     diagnostics = chosen.diagnostics._replace(ladder=tuple(records),
