@@ -110,6 +110,13 @@ def _compiled(f: Callable, methods: tuple[str, ...], treedef, avals: tuple) -> t
     raise TypeError(f"hessian_fn: no method in {methods} works on {f!r}:\n" + "\n".join(failures))
 
 
+def _aval(x):
+    """The abstract value (shape, dtype, weak type; hashable) of an argument: ``jax.typeof``
+    where this jax has it, else ``jax.core.get_aval`` (the lower bound, jax 0.5.3)."""
+    typeof = getattr(jax, "typeof", None)
+    return typeof(x) if typeof is not None else jax.core.get_aval(x)
+
+
 def hessian_fn(f: Callable, methods: tuple[str, ...] = METHODS) -> Callable[..., Curvature]:
     """Value, gradient and Hessian of a scalar function, by the first method that works.
 
@@ -150,7 +157,7 @@ def hessian_fn(f: Callable, methods: tuple[str, ...] = METHODS) -> Callable[...,
             raise ValueError(f"hessian_fn: x must be a 1-D floating array, got shape "
                              f"{x.shape} and dtype {x.dtype}")
         leaves, treedef = jax.tree.flatten((x, *args))
-        fn, method = _compiled(f, methods, treedef, tuple(map(jax.typeof, leaves)))
+        fn, method = _compiled(f, methods, treedef, tuple(map(_aval, leaves)))
         return Curvature(*fn(x, *args), method)
 
     return curvature
