@@ -220,7 +220,9 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
             program (the last one padded). ``None``: all lanes at once.
         guide, steps, optimizer, num_particles, init, average, chunk_size, dtype, estimator,
         convergence, max_consecutive_nonfinite, progress, psis_draws: as in :func:`vijax.fit`
-            (``init`` is shared by all lanes).
+            (``init`` is shared by all lanes), except that ``guide`` defaults to
+            ``"meanfield"`` and is fitted in the model's own coordinates (as ``vj.fit``
+            with ``precondition=None``): the staged defaults are not batched yet.
 
     Returns:
         A :class:`FitManyResult`: ``res[i]`` is lane i's :class:`vijax.FitResult`;
