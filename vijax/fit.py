@@ -36,7 +36,7 @@ from vijax.objective import make_objective
 from vijax.optim import default_optimizer
 from vijax.precondition import preconditionable, resolve_precondition
 from vijax.psis import MIN_DRAWS, psis
-from vijax.result import Diagnostics, FitResult
+from vijax.result import Diagnostics, FitResult, _weighted_sampler
 
 __all__ = ["fit", "prepare_data", "check_data", "NonFiniteError"]
 
@@ -723,8 +723,8 @@ def _psis_check(target, guide, params, key, n: int, data):
         return None
     if guide.point_mass:
         return float("nan"), float("nan"), "not applicable (point mass)", 0
-    theta, lw = _unconstrained_sampler(target, guide, n)(jax.random.fold_in(key, 0x5151),
-                                                         params, data)
+    theta, lw = _weighted_sampler(target, guide, n, False)(jax.random.fold_in(key, 0x5151),
+                                                            params, data)
     lw = np.asarray(lw, np.float64)
     if not np.any(np.isfinite(lw)):
         return float("inf"), 1.0, "unreliable (no draw has a finite log density)", n
@@ -747,17 +747,6 @@ def _psis_check(target, guide, params, key, n: int, data):
         elif mean_shift > max(0.1, 3 * se) or log_ratio > max(np.log(1.1), 3 * se):
             reading = f"usable ({figures})"
     return float(res.k_hat), float(res.ess), reading, n
-
-
-@functools.lru_cache(maxsize=64)
-def _unconstrained_sampler(target, guide, n: int):
-    """Jitted ``(key, params, data) -> (theta (n, dim), log w (n,))``."""
-    def one(key, params, data):
-        theta, log_q = guide.sample(key, params)
-        return theta[:target.dim], target.log_density(theta, data) - log_q
-
-    return jax.jit(lambda key, params, data: jax.vmap(one, in_axes=(0, None, None))(
-        jax.random.split(key, n), params, data))
 
 
 def _psis_shift(theta: np.ndarray, log_w: np.ndarray) -> tuple[float, float, float]:

@@ -64,13 +64,15 @@ def _sampler(target, guide: Guide):
 
 
 @functools.lru_cache(maxsize=64)
-def _weighted_sampler(target, guide: Guide, n: int):
-    """Jitted ``(key, params, data) -> (constrained draws (n, ...), log weights (n,))`` with
-    ``log w = log p~(theta) - log q(theta)`` for PSIS."""
+def _weighted_sampler(target, guide: Guide, n: int, constrained: bool = True):
+    """Jitted ``(key, params, data) -> (draws, log weights (n,))`` with
+    ``log w = log p~(theta) - log q(theta)`` for PSIS; the draws are constrained (a dict of
+    ``(n, ...)``) or, with ``constrained=False``, the continuous unconstrained ``(n, dim)``."""
 
     def one(key, params, data):
         theta, log_q = guide.sample(key, params)
-        return target.constrain(theta), target.log_density(theta, data) - log_q
+        draw = target.constrain(theta) if constrained else theta[:target.dim]
+        return draw, target.log_density(theta, data) - log_q
 
     return jax.jit(lambda key, params, data: jax.vmap(one, in_axes=(0, None, None))(
         jax.random.split(key, n), params, data))
