@@ -5,22 +5,24 @@ ELBO is optimised by any Optax optimizer inside one compiled loop.
 """
 
 from vijax import datasets, estimators, guides
+from vijax.checks import prepare_data
 from vijax.convergence import Convergence, ConvergenceWarning
-from vijax.fit import NonFiniteError, fit, prepare_data
+from vijax.fit import fit
 from vijax.io import load
 from vijax.many import FitManyResult, fit_many
-from vijax.model import Latent, Model, ModelWarning, model
+from vijax.model import Latent, Model, ModelWarning, Param, model
 from vijax.numpyro_adapter import from_numpyro
 from vijax.optim import default_optimizer
 from vijax.precondition import Precondition
 from vijax.predictive import predictive
 from vijax.psis import PSISResult, psis
 from vijax.result import Diagnostics, FitResult, Summary
+from vijax.trust import NonFiniteError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Latent", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics", "Summary",
+    "Latent", "Param", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics", "Summary",
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
     "load", "predictive", "Convergence", "ConvergenceWarning", "Precondition", "NonFiniteError",
     "fit_many", "FitManyResult",

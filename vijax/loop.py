@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from vijax.convergence import Convergence, ConvState, init_conv_state, update_conv_state
+from vijax.data import Feed, advance, device_indices, kl_weight_at, take
 from vijax.objective import Objective
 
 __all__ = ["FitState", "init_state", "make_chunk_runner", "stopped"]
@@ -41,15 +42,17 @@ class FitState(NamedTuple):
     n_consecutive: Any = None  # int32: current run of consecutive skipped steps
     failed: Any = None  # bool: the run of skipped steps reached the limit; the loop stopped
     conv: Any = ()  # vijax.convergence.ConvState, or () without a stopping rule
+    data_pos: Any = ()  # minibatches: (epoch, offset) int32 of the next batch; else ()
 
 
 def init_state(params, optimizer: optax.GradientTransformation, est_state: Any = (),
-               rule: Convergence | None = None) -> FitState:
+               rule: Convergence | None = None, feed: Feed | None = None) -> FitState:
     zero = jnp.zeros((), jnp.int32)
     conv = () if rule is None else init_conv_state(
         params, jax.tree_util.tree_leaves(params)[0].dtype)
+    pos = (zero, zero) if feed is not None and feed.minibatch is not None else ()
     return FitState(params, optimizer.init(params), params, zero, zero, est_state, zero,
-                    jnp.array(False), conv)
+                    jnp.array(False), conv, pos)
 
 
 def stopped(state: FitState) -> jax.Array:
@@ -63,11 +66,38 @@ def _all_finite(tree) -> jax.Array:
     return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
 
 
+def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype):
+    """The step's data, the objective's ``(scale, kl_weight)`` and the next data position."""
+    mb = feed.minibatch
+    n = feed_args["n"] if mb is not None else None
+    pos = state.data_pos
+    if mb is None:
+        batch, scale = data, jnp.ones((), dtype)
+    else:
+        batch = xs if mb.streamed else take(data, device_indices(mb, pos, feed_args["seed"], n))
+        scale = n.astype(dtype) / mb.batch_size
+        pos = advance(mb, pos, n)
+    kl = kl_weight_at(feed.kl, state.step, state.data_pos, mb, n, dtype)
+    return batch, (scale, kl), pos
+
+
 def _step(objective, optimizer, rule, data, key, total_steps, avg_start, first_chunk_end,
-          max_consecutive, state: FitState):
+          max_consecutive, state: FitState, feed: Feed | None = None, feed_args=None, xs=None):
     active = (state.step < total_steps) & ~stopped(state)
-    (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1, has_aux=True)(
-        jax.random.fold_in(key, state.step), state.params, data, state.est_state)
+    step_key = jax.random.fold_in(key, state.step)
+    if feed is None:  # the whole data every step, unweighted
+        (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1,
+                                                      has_aux=True)(
+            step_key, state.params, data, state.est_state)
+        data_pos = state.data_pos
+    else:
+        dtype = jax.tree_util.tree_leaves(state.params)[0].dtype
+        batch, weights, data_pos = _batch(feed, data, feed_args, xs, state, dtype)
+        (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1,
+                                                      has_aux=True)(
+            step_key, state.params, batch, state.est_state, weights)
+        data_pos = jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old),
+                                          data_pos, state.data_pos)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # a step is skipped when its loss or gradient is not finite, or when the optimizer turns
@@ -104,27 +134,34 @@ def _step(objective, optimizer, rule, data, key, total_steps, avg_start, first_c
                                  state.step, first_chunk_end, active)
     new = FitState(params, opt_state, avg, state.step + active.astype(jnp.int32),
                    state.n_nonfinite + skipped.astype(jnp.int32), est_state, n_consecutive,
-                   failed, conv)
+                   failed, conv, data_pos)
     return new, jnp.where(active, loss, jnp.nan)
 
 
 @functools.lru_cache(maxsize=128)
 def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformation,
-                      chunk_len: int, rule: Convergence | None = None):
+                      chunk_len: int, rule: Convergence | None = None,
+                      feed: Feed | None = None):
     """Jitted ``run(state, data, key, total_steps, avg_start, first_chunk_end,
-    max_consecutive) -> (state, losses (chunk_len,))``.
+    max_consecutive, feed_args=None) -> (state, losses (chunk_len,))``.
 
     Cached on its (hashable) arguments: one compiled program per configuration. Steps past
     ``total_steps``, after convergence or after ``max_consecutive`` consecutive skipped steps
-    change nothing and their losses are NaN; the host trims them.
+    change nothing and their losses are NaN; the host trims them. With a ``feed``
+    (:mod:`vijax.data`), ``feed_args`` holds ``n`` (int32, the observations) and ``seed``
+    (uint32, the shuffle) for device-resident minibatches, or ``n`` and ``xs`` (the chunk's
+    batches, leading axis ``chunk_len``) for a host stream; the objective is weighted.
     """
+    streamed = feed is not None and feed.minibatch is not None and feed.minibatch.streamed
 
-    def run(state, data, key, total_steps, avg_start, first_chunk_end, max_consecutive):
-        def body(state, _):
+    def run(state, data, key, total_steps, avg_start, first_chunk_end, max_consecutive,
+            feed_args=None):
+        def body(state, xs):
             return _step(objective, optimizer, rule, data, key, total_steps, avg_start,
-                         first_chunk_end, max_consecutive, state)
+                         first_chunk_end, max_consecutive, state, feed, feed_args, xs)
 
-        return jax.lax.scan(body, state, None, length=chunk_len)
+        xs = feed_args["xs"] if streamed else None
+        return jax.lax.scan(body, state, xs, length=chunk_len)
 
     donate = (0,) if jax.default_backend() != "cpu" else ()
     return jax.jit(run, donate_argnums=donate)

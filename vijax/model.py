@@ -24,7 +24,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 from numpyro.distributions import constraints
 
-__all__ = ["Latent", "Model", "model", "ModelWarning", "check_influence"]
+__all__ = ["Latent", "Param", "Model", "model", "ModelWarning", "check_influence"]
 
 
 class ModelWarning(UserWarning):
@@ -64,6 +64,41 @@ class Latent:
     """
 
     shape: tuple[int, ...] = ()
+    support: constraints.Constraint = dataclasses.field(default_factory=lambda: constraints.real)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", _as_shape(self.shape))
+        if not isinstance(self.support, constraints.Constraint):
+            raise TypeError(
+                "support must be a numpyro constraint (numpyro.distributions.constraints), "
+                f"got {self.support!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Param:
+    """Declaration of one learnable model parameter (a point value, not a latent).
+
+    Model parameters are optimised jointly with the guide: maximising the ELBO over them is
+    type-II maximum likelihood / variational EM (the ELBO is a lower bound on the marginal
+    likelihood ``log p(x; param)``). The model receives the constrained value in the same
+    dict as the latents; the fit returns it as ``res.model_params``.
+
+    Args:
+        shape: shape of the constrained value (an ``int`` n means ``(n,)``).
+        init: initial constrained value (broadcast to ``shape``); ``None``: the image of 0
+            under ``biject_to(support)`` (0 on the real line, 1 for positive, the midpoint
+            of an interval, the uniform simplex, the identity Cholesky factor).
+        support: a numpyro constraint; the optimiser works on ``biject_to(support)^-1``.
+
+    Example:
+        >>> from numpyro.distributions import constraints
+        >>> Param(init=2.0, support=constraints.positive).shape
+        ()
+    """
+
+    shape: tuple[int, ...] = ()
+    init: Any = None
     support: constraints.Constraint = dataclasses.field(default_factory=lambda: constraints.real)
 
     def __post_init__(self) -> None:
@@ -119,6 +154,53 @@ def _check_latent(name: str, lat: Latent) -> None:
                          "constraints.less_than(high), for the real line constraints.real")
 
 
+def _check_param(name: str, par: Param) -> None:
+    """Refuse a parameter with a discrete support, an init of the wrong shape, or an init
+    that is not finite or lies outside its support."""
+    if not isinstance(par, Param):
+        raise TypeError(f"parameter {name!r} must be declared with vj.Param(...), got {par!r}")
+    if par.support.is_discrete:
+        raise ValueError(f"parameter {name!r} has a discrete support ({par.support}); model "
+                         "parameters are optimised by gradients and must be continuous: "
+                         "declare it as a vj.Latent to infer it")
+    if par.init is None:
+        return
+    try:
+        v = np.asarray(par.init, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"parameter {name!r}: init must be a number or an array of numbers, "
+                        f"got {par.init!r}") from None
+    try:
+        v = np.broadcast_to(v, par.shape)
+    except ValueError:
+        raise ValueError(f"parameter {name!r}: init has shape {v.shape}, which does not "
+                         f"broadcast to the declared shape {par.shape}") from None
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"parameter {name!r}: init {v} is not finite")
+    ok = np.asarray(par.support.check(jnp.asarray(v)))
+    if not np.all(ok):
+        raise ValueError(f"parameter {name!r}: init {v} lies outside its support "
+                         f"{par.support}; give an init inside it")
+
+
+def _validate_params(params: Any, latents: Mapping[str, Latent]) -> dict[str, Param]:
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict from name to vj.Param, got {type(params)}")
+    out = {}
+    for name, par in params.items():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"invalid parameter name {name!r}: names must be Python "
+                             "identifiers")
+        if name in latents:
+            raise ValueError(f"{name!r} is declared both as a latent and as a parameter; a "
+                             "name is either inferred (vj.Latent) or optimised (vj.Param)")
+        _check_param(name, par)
+        out[name] = par
+    return out
+
+
 def _validate_latents(latents: Any) -> dict[str, Latent]:
     if not isinstance(latents, Mapping):
         raise TypeError(f"latents must be a dict from name to vj.Latent, got {type(latents)}")
@@ -150,6 +232,9 @@ class Model:
         log_prior: factorised form, ``(z) -> scalar``.
         log_likelihood: factorised form, ``(z, data) -> (N,)``.
         data: optional data pytree bound to the model, used by ``fit`` when none is given.
+        params: dict from name to :class:`Param`: learnable model parameters, passed to the
+            model in the same dict ``z`` as the latents (constrained values) and optimised
+            jointly with the guide (type-II maximum likelihood); ``res.model_params``.
 
     Example:
         >>> import numpyro.distributions as dist
@@ -165,11 +250,13 @@ class Model:
     log_likelihood: Callable[[dict, Any], Any] | None = None
     data: Any = None
     target: Any = dataclasses.field(default=None, repr=False)
+    params: Mapping[str, Param] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from vijax.target import Target  # the target stage is built from the spec, once
 
         object.__setattr__(self, "latents", _validate_latents(self.latents))
+        object.__setattr__(self, "params", _validate_params(self.params, self.latents))
         factorised = self.log_prior is not None or self.log_likelihood is not None
         if self.log_joint is not None and factorised:
             raise ValueError("give either log_joint, or log_prior and log_likelihood, not both")
@@ -202,8 +289,11 @@ class Model:
         return dataclasses.replace(self, data=data)
 
 
-def model(**latents: Latent) -> Callable[[Callable], Model]:
+def model(**declared: Latent | Param) -> Callable[[Callable], Model]:
     """Decorator: ``@vj.model(mu=vj.Latent(), ...)`` turns ``log_joint(z, data)`` into a Model.
+
+    Keyword arguments declare latents (:class:`Latent`) and learnable model parameters
+    (:class:`Param`); the model receives both in ``z``.
 
     Example:
         >>> import numpyro.distributions as dist
@@ -217,7 +307,9 @@ def model(**latents: Latent) -> Callable[[Callable], Model]:
     def wrap(fn: Callable) -> Model:
         if not callable(fn):
             raise TypeError(f"@vj.model must decorate a function, got {fn!r}")
-        return Model(log_joint=fn, latents=latents)
+        latents = {k: v for k, v in declared.items() if not isinstance(v, Param)}
+        params = {k: v for k, v in declared.items() if isinstance(v, Param)}
+        return Model(log_joint=fn, latents=latents, params=params)
 
     return wrap
 
@@ -293,10 +385,12 @@ def check_influence(model: Model, data: Any, dtype: Any) -> None:
     target = model.target
     names = target.names + target.discrete_names
     z = ([jax.ShapeDtypeStruct(b.shape, dtype) for b in target.blocks]
-         + [jax.ShapeDtypeStruct(b.shape, jnp.int32) for b in target.discrete])
+         + [jax.ShapeDtypeStruct(b.shape, jnp.int32) for b in target.discrete]
+         + [jax.ShapeDtypeStruct(b.shape, dtype) for b in target.params])
+    keys = names + target.param_names  # the parameters' bits follow the latents'
 
     def density(zs, data):
-        return model.log_density(dict(zip(names, zs, strict=True)), data)
+        return model.log_density(dict(zip(keys, zs, strict=True)), data)
 
     deps = output_dependence(density, z, data)[0]
     unused = [name for i, name in enumerate(names) if not deps >> i & 1]

@@ -16,6 +16,20 @@ with a baseline ``b_k`` (RLOO, moving average, or VIMCO's leave-one-out bounds).
 
 ``loss(key, params, data, state) -> (loss, state)``; ``state`` is the estimator's own loop
 state (the moving-average baseline; ``()`` for the others).
+
+**Weighted objectives** (``weighted=True``: minibatches, KL weights) take a fifth argument
+``weights = (scale, kl_weight)`` and a factorised target, and estimate
+
+    E_q[scale * sum_i log p(x_i | z) + kl_weight * (log p(z) + log|det J| - log q(z))],
+
+with ``scale = N / B`` for a minibatch of B of N observations (unbiased for the full ELBO
+when ``kl_weight = 1``). ``kl_weight != 1`` is defined for the single-sample ELBO
+estimators only (reparam, STL, score): multi-sample bounds have no prior-minus-entropy term.
+
+**Model parameters** (``target.params``): ``params = (guide_params, model_params)``; their
+gradient is the bound's, ``sum_k wbar_k grad log p(x, z_k; phi)`` (``wbar`` uniform for the
+ELBO, normalised importance weights for IWAE/Renyi): the score-function surrogate and DReG's
+squared weights act on the guide's parameters only.
 """
 
 from __future__ import annotations
@@ -100,13 +114,28 @@ def _describe(est, continuous: bool, discrete: tuple[str, ...], discrete_baselin
 
 
 def make_objective(target, guide: Guide, estimator: Any = "auto",
-                   num_particles: int = 1) -> Objective:
+                   num_particles: int = 1, weighted: bool = False,
+                   kl_weighted: bool = False) -> Objective:
     """The objective of ``estimator`` for ``guide`` on ``target`` with K particles.
 
+    ``weighted``: the loss takes ``weights = (scale, kl_weight)`` (a factorised target is
+    needed); ``kl_weighted``: ``kl_weight`` may differ from 1 (single-sample ELBO
+    estimators only).
+
     Raises ``ValueError`` for combinations that are undefined: a density-free point-mass
-    guide (delta) with estimators that need ``log q``; ``rloo``/``vimco`` with ``K < 2``.
+    guide (delta) with estimators that need ``log q``; ``rloo``/``vimco`` with ``K < 2``;
+    a KL weight with a multi-sample bound.
     """
     est = resolve_estimator(estimator)
+    if weighted and not target.factorised:
+        raise ValueError("minibatches and KL weights need the factorised form of the model "
+                         "(log_prior(z) plus log_likelihood(z, data) -> one value per "
+                         "observation), not one log_joint")
+    if kl_weighted and est.multi_sample:
+        raise ValueError(f"kl_weight scales the ELBO's prior-minus-entropy term; the "
+                         f"{est.name!r} estimator's multi-sample bound has no such term: use "
+                         "estimator='reparam', 'stl' or 'score' with kl_weight")
+    has_mp = bool(target.params)
     k = 1 if guide.point_mass else num_particles
     if guide.point_mass and est.name not in ("reparam", "auto", "stl"):
         raise ValueError(f"guide {guide.name!r} is a point mass (MAP) and has no density: "
@@ -131,12 +160,29 @@ def make_objective(target, guide: Guide, estimator: Any = "auto",
     no_jacobian = guide.no_jacobian
     uses_ema = baseline == "ema" and (score_all or has_d)
 
-    def particle(eps, params, data):
+    # DReG weights the pathwise term by squared weights: the model parameters' gradient
+    # (plain weights) then needs its own evaluation with the draw held fixed
+    split_mp = has_mp and isinstance(est, DReG)
+
+    def density(theta, data, mparams, weights):
+        if weights is None:
+            return target.log_density(theta, data, no_jacobian, mparams)
+        glob, local = target.log_density_terms(theta, data, no_jacobian, mparams)
+        scale, kl = weights
+        return scale * local + (kl * glob if kl_weighted else glob)
+
+    def particle(eps, params, data, weights=None):
+        params, mparams = params if has_mp else (params, None)
         theta, log_q = guide.transform(params, eps)
         if score_all:  # the score function: no path through the draw
             theta = sg(theta)
             log_q = guide.log_q(params, theta)
-        out = {"log_p": target.log_density(theta, data, no_jacobian), "log_q": log_q}
+        if split_mp:
+            out = {"log_p": density(theta, data, sg(mparams), weights),
+                   "log_p_model": density(sg(theta), data, mparams, weights)}
+        else:
+            out = {"log_p": density(theta, data, mparams, weights)}
+        out["log_q"] = log_q
         out["log_qd"] = (guide.discrete_log_q(params, theta) if has_d
                          else jnp.zeros((), theta.dtype))
         if need_stl:
@@ -152,13 +198,23 @@ def make_objective(target, guide: Guide, estimator: Any = "auto",
                 _ema_update(state, jnp.mean(f), decay)
         return jnp.zeros_like(f), state
 
-    def loss(key, params, data, state):
-        eps = jax.random.normal(key, (k, guide.noise_dim), params_dtype(params))
+    def loss(key, params, data, state, weights=None):
+        gparams = params[0] if has_mp else params
+        eps = jax.random.normal(key, (k, guide.noise_dim), params_dtype(gparams))
         if k == 1:
-            parts = jax.tree_util.tree_map(lambda x: x[None], particle(eps[0], params, data))
+            parts = jax.tree_util.tree_map(lambda x: x[None],
+                                           particle(eps[0], params, data, weights))
         else:
-            parts = jax.vmap(particle, in_axes=(0, None, None))(eps, params, data)
+            parts = jax.vmap(particle, in_axes=(0, None, None, None))(eps, params, data,
+                                                                      weights)
         log_p, log_q, log_qd = parts["log_p"], parts["log_q"], parts["log_qd"]
+        # with a KL weight: log q enters the bound as kl * log q; score factors stay log q
+        kl = weights[1] if kl_weighted else None
+
+        def w(x):
+            return x if kl is None else kl * x
+
+        params = gparams
 
         if multi:
             log_w = log_p - log_q
@@ -170,6 +226,11 @@ def make_objective(target, guide: Guide, estimator: Any = "auto",
                 surrogate = jnp.zeros((), log_p.dtype)
             else:
                 surrogate = _bound(log_w, alpha)
+            if has_mp and (split_mp or score_all):
+                # the model parameters' gradient: sum_k wbar_k grad log p_k (draws fixed)
+                lp_m = parts["log_p_model"] if split_mp else log_p
+                wbar = jax.nn.softmax((1.0 - alpha) * sg(log_w))
+                surrogate = surrogate + jnp.sum(wbar * (lp_m - sg(lp_m)))
             score_logq = log_q if score_all else log_qd
             if score_all or has_d:
                 if k >= 2:
@@ -188,20 +249,24 @@ def make_objective(target, guide: Guide, estimator: Any = "auto",
                         surrogate = surrogate - jnp.sum(score_logq)
         else:
             if score_all:
-                f = sg(log_p) if use_entropy else sg(log_p - log_q)
+                f = sg(log_p) if use_entropy else sg(log_p - w(log_q))
                 b, state = signals_baseline(f, state)
                 surrogate = jnp.mean(sg(f - b) * log_q)
+                if has_mp:  # the draws are held fixed: log p's gradient is the model's
+                    surrogate = surrogate + jnp.mean(log_p - sg(log_p))
                 if use_entropy:
-                    h = guide.entropy(params)
+                    h = w(guide.entropy(params))
                     surrogate = surrogate + h
                     value = jnp.mean(sg(log_p)) + sg(h)
                 else:
-                    value = jnp.mean(sg(log_p - log_q))
+                    value = jnp.mean(sg(log_p - w(log_q)))
             else:
-                log_qc = (parts["log_q_stl"] - sg(log_qd)) if need_stl else log_q - log_qd
-                h_d = guide.discrete_entropy(params) if has_d else jnp.zeros((), log_p.dtype)
+                log_qc = (w(parts["log_q_stl"]) - sg(w(log_qd))) if need_stl \
+                    else w(log_q - log_qd)
+                h_d = w(guide.discrete_entropy(params)) if has_d \
+                    else jnp.zeros((), log_p.dtype)
                 if use_entropy:
-                    h_c = guide.entropy(params) - h_d
+                    h_c = w(guide.entropy(params)) - h_d
                     cont = jnp.mean(log_p) + h_c
                 else:
                     cont = jnp.mean(log_p - log_qc)

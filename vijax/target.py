@@ -29,7 +29,7 @@ import numpy as np
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import IdentityTransform, Transform, biject_to
 
-__all__ = ["Target", "LatentBlock", "DiscreteBlock", "MAX_NUM_VALUES"]
+__all__ = ["Target", "LatentBlock", "DiscreteBlock", "ParamBlock", "MAX_NUM_VALUES"]
 
 # largest number of values of a discrete latent's element (its guide holds one logit per value)
 MAX_NUM_VALUES = 4096
@@ -74,6 +74,34 @@ class DiscreteBlock:
     def __repr__(self) -> str:
         return (f"DiscreteBlock({self.name!r}, shape={self.shape}, values {self.low}.."
                 f"{self.low + self.num_values - 1}, offset={self.offset})")
+
+
+class ParamBlock:
+    """Layout of one learnable model parameter: optimised unconstrained as ``u`` of
+    ``unconstrained_shape``, passed to the model as ``transform(u)`` of ``shape``."""
+
+    __slots__ = ("name", "shape", "unconstrained_shape", "transform", "support", "init")
+
+    def __init__(self, name, shape, unconstrained_shape, transform, support, init):
+        self.name = name
+        self.shape = shape
+        self.unconstrained_shape = unconstrained_shape
+        self.transform = transform
+        self.support = support
+        self.init = init  # constrained init value (numpy, float64) or None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.unconstrained_shape)
+
+    def init_unconstrained(self, dtype) -> jax.Array:
+        if self.init is None:
+            return jnp.zeros(self.unconstrained_shape, dtype)
+        x = jnp.asarray(np.broadcast_to(self.init, self.shape), dtype)
+        return jnp.asarray(self.transform.inv(x), dtype).reshape(self.unconstrained_shape)
+
+    def __repr__(self) -> str:
+        return f"ParamBlock({self.name!r}, shape={self.shape}, support={self.support})"
 
 
 def _finite_range(name: str, support: constraints.Constraint) -> tuple[int, int]:
@@ -138,12 +166,19 @@ class Target:
         dim: length of the continuous (unconstrained) part of ``theta``.
         log_joint: ``(z, data) -> scalar`` on constrained values.
         discrete: one :class:`DiscreteBlock` per discrete latent (after the continuous part).
+        params: one :class:`ParamBlock` per learnable model parameter (not part of
+            ``theta``: a separate dict ``mparams`` of unconstrained values).
+        log_prior, log_likelihood: the factorised form's two terms (``None`` for a model
+            given as one log joint); minibatches and KL weights need them.
     """
 
     blocks: tuple[LatentBlock, ...]
     dim: int
     log_joint: Callable[[dict, Any], Any]
     discrete: tuple[DiscreteBlock, ...] = ()
+    params: tuple[ParamBlock, ...] = ()
+    log_prior: Callable[[dict], Any] | None = None
+    log_likelihood: Callable[[dict, Any], Any] | None = None
 
     @classmethod
     def from_model(cls, model) -> Target:
@@ -161,7 +196,40 @@ class Target:
         for name, lat, low, num_values in finite:
             discrete.append(DiscreteBlock(name, lat.shape, lat.support, low, num_values, offset))
             offset += discrete[-1].size
-        return cls(tuple(blocks), dim, model.log_density, tuple(discrete))
+        params = []
+        for name, par in getattr(model, "params", {}).items():
+            transform, unc_shape = _make_transform(name, par.shape, par.support)
+            init = None if par.init is None else np.asarray(par.init, np.float64)
+            params.append(ParamBlock(name, par.shape, unc_shape, transform, par.support, init))
+        return cls(tuple(blocks), dim, model.log_density, tuple(discrete), tuple(params),
+                   model.log_prior, model.log_likelihood)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of the learnable model parameters."""
+        return tuple(b.name for b in self.params)
+
+    @property
+    def factorised(self) -> bool:
+        """Whether the log density is ``log_prior + sum(log_likelihood)`` (minibatchable)."""
+        return self.log_likelihood is not None
+
+    def param_init(self, dtype) -> dict[str, jax.Array]:
+        """Unconstrained initial model parameters (a dict; empty without parameters)."""
+        return {b.name: b.init_unconstrained(dtype) for b in self.params}
+
+    def constrain_params(self, mparams: Mapping[str, jax.Array] | None, dtype
+                         ) -> dict[str, jax.Array]:
+        """Constrained model parameters from unconstrained ``mparams`` (``None``: the init)."""
+        if mparams is None:
+            mparams = self.param_init(dtype)
+        return {b.name: b.transform(mparams[b.name]) for b in self.params}
+
+    def _values(self, theta, mparams):
+        z, log_det = self.constrain_with_log_det(theta)
+        if self.params:
+            z.update(self.constrain_params(mparams, theta.dtype))
+        return z, log_det
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -224,18 +292,34 @@ class Target:
         return z, log_det
 
     def log_density(self, theta: jax.Array, data: Any,
-                    no_jacobian: frozenset[str] = frozenset()) -> jax.Array:
+                    no_jacobian: frozenset[str] = frozenset(), mparams: Any = None
+                    ) -> jax.Array:
         """Scalar ``log p(T(theta), x) + sum log|det J|`` (latents in ``no_jacobian`` omit it).
 
         Omitting the Jacobian for a latent gives the density of its *constrained* value: point
         estimates (the delta guide) maximise that, so that MAP means the constrained mode.
+        ``mparams``: the unconstrained model parameters (``None``: their init values).
         """
-        z, log_det = self.constrain_with_log_det(theta)
+        z, log_det = self._values(theta, mparams)
         lp = jnp.asarray(self.log_joint(z, data))
         for name, ld in log_det.items():
             if name not in no_jacobian:
                 lp = lp + ld
         return lp
+
+    def log_density_terms(self, theta: jax.Array, batch: Any,
+                          no_jacobian: frozenset[str] = frozenset(), mparams: Any = None
+                          ) -> tuple[jax.Array, jax.Array]:
+        """The factorised density's two terms at ``theta``: ``(global, local)`` with
+        ``global = log_prior + sum log|det J|`` and ``local = sum(log_likelihood(z, batch))``
+        over the batch's observations (scalars). Minibatch scaling and KL weights combine
+        them as ``scale * local + kl_weight * global``."""
+        z, log_det = self._values(theta, mparams)
+        glob = jnp.asarray(self.log_prior(z))
+        for name, ld in log_det.items():
+            if name not in no_jacobian:
+                glob = glob + ld
+        return glob, jnp.sum(self.log_likelihood(z, batch))
 
     def unconstrain(self, z: Mapping[str, Any], dtype) -> jax.Array:
         """Inverse of :meth:`constrain` for a full dict of constrained values -> (full_dim,)."""
