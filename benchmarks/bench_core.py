@@ -51,7 +51,7 @@ from numpyro.infer.autoguide import (
 import vijax as vj
 from benchmarks.floor import make_floor
 from benchmarks.workloads import WORKLOADS, Workload, get_workload
-from vijax.fit import _pipeline
+from vijax.driver import _pipeline
 
 # the chunk runner's stopping arguments: never stop early, never give up on non-finite steps
 NO_STOP = jnp.asarray(0, jnp.int32)

@@ -20,7 +20,7 @@ particles per gradient estimate. Per (workload, method):
   separate set of keys), beside the value Monte Carlo noise alone gives, ``sqrt(sum var / M +
   sum var_ref / M_ref) / ||ref||``; ``iwae`` against ``dreg`` (the IWAE bound's gradient).
 * **µs/step**: steady state, median over repeats of one compiled chunk of steps / chunk
-  length: vijax its chunk runner (``vijax.fit._pipeline``, no stopping rule), NumPyro a
+  length: vijax its chunk runner (``vijax.driver._pipeline``, no stopping rule), NumPyro a
   jitted ``lax.scan`` over ``svi.update``; chunks interleaved round robin so that machine
   load falls on all alike.
 * **neg-ELBO**: ``mean(log q - log p~)`` over fresh draws (the same keys for every method) of
@@ -60,7 +60,7 @@ from benchmarks.bench_core import (
     write_report,
 )
 from benchmarks.estimator_workloads import WORKLOADS, EstWorkload, get_workload
-from vijax.fit import _pipeline
+from vijax.driver import _pipeline
 from vijax.guides.resolve import build_guide, resolve_spec
 from vijax.objective import make_objective
 

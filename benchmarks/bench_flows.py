@@ -26,7 +26,7 @@ decay ``lr / sqrt(1 + t/1000)``, tail iterate averaging); NumPyro runs ``SVI`` w
   fresh Python process (imports and data set-up not timed; ``--first-fit inproc`` times it in
   this process, where primitives compiled earlier are cached).
 * **µs/step**: steady state, median over repeats of one compiled chunk of steps / chunk length:
-  vijax its own chunk runner (``vijax.fit._pipeline``), NumPyro a jitted ``lax.scan`` over
+  vijax its own chunk runner (``vijax.driver._pipeline``), NumPyro a jitted ``lax.scan`` over
   ``svi.update``; the methods' chunks are interleaved (round robin) so that machine load falls
   on all alike.
 
@@ -66,7 +66,7 @@ from benchmarks.bench_core import (
     write_report,
 )
 from benchmarks.flow_targets import TARGETS, FlowTarget, concentrations, get_target
-from vijax.fit import _pipeline
+from vijax.driver import _pipeline
 from vijax.guides.flow import default_hidden, default_layers
 from vijax.psis import MIN_DRAWS
 

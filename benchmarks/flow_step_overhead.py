@@ -4,7 +4,7 @@ of the *same* objective and optimizer, and against NumPyro's ``svi.update`` scan
 For one target of ``flow_targets.py`` and one vijax flow guide, each timed as a compiled chunk of
 ``--chunk`` steps (median of ``--repeats``, calls interleaved round robin):
 
-* ``vijax runner``: ``vijax.fit._pipeline``'s chunk runner (step mask, non-finite guard, skip
+* ``vijax runner``: ``vijax.driver._pipeline``'s chunk runner (step mask, non-finite guard, skip
   branch, tail averaging), as in ``bench_flows``;
 * ``vijax runner, flat params``: the same runner with the guide parameters ravelled into one
   vector (``jax.flatten_util.ravel_pytree``), so that optimizer, guard and averaging touch one
@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 import vijax as vj
 from benchmarks.bench_flows import METHODS, make_session
 from benchmarks.flow_targets import TARGETS, get_target
-from vijax.fit import _pipeline
+from vijax.driver import _pipeline
 from vijax.loop import init_state, make_chunk_runner
 
 

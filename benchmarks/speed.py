@@ -8,7 +8,7 @@ points, dim 205). Guides: mean-field, low-rank (rank ``round(sqrt(dim))``) and f
 ``dim <= FULLRANK_MAX_DIM``). Methods, all with ``optax.adam(1e-2)`` (constant) and K particles:
 
 * **vijax**: ``vj.fit(guide=..., convergence=None, psis_draws=0, progress=False)``; its chunk
-  program is its own runner (``vijax.fit._pipeline``), tail averaging on.
+  program is its own runner (``vijax.driver._pipeline``), tail averaging on.
 * **NumPyro**: ``SVI`` + ``Trace_ELBO(num_particles=K)`` with the matching autoguide
   (``AutoDiagonalNormal``, ``AutoLowRankMultivariateNormal``, ``AutoMultivariateNormal``);
   whole fit ``svi.run(progress_bar=False)``, chunk program a jitted ``lax.scan`` of
@@ -74,7 +74,7 @@ import vijax as vj
 from benchmarks.bench_core import REPO_ROOT, _device_data, _rank, _tail_mean, _time
 from benchmarks.floor import make_floor
 from benchmarks.workloads import Workload, get_workload
-from vijax.fit import _pipeline
+from vijax.driver import _pipeline
 
 __all__ = ["run", "to_markdown", "time_to_converged"]
 

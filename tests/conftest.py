@@ -103,6 +103,6 @@ def _release_compiled_programs():
     mappings (vm.max_map_count, 65,530) and aborts inside LLVM. Compile-cache tests run
     inside one module, so nothing they check spans modules."""
     yield
-    from vijax.stages import clear_caches
+    from vijax.caches import clear_caches
 
     clear_caches()

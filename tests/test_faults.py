@@ -24,7 +24,7 @@ from numpyro.distributions import constraints
 import vijax as vj
 import vijax.io as vio
 from tests.conftest import precision
-from vijax.fit import _check_key, check_data
+from vijax.checks import _check_key, check_data
 
 Y = np.array([0.5, -0.3, 1.1])
 FAST = dict(guide="meanfield", steps=50, convergence=None, psis_draws=0, progress=False,

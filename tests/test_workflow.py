@@ -11,7 +11,7 @@ import pytest
 
 import vijax as vj
 from tests.conftest import raw_fit
-from vijax.fit import _pipeline
+from vijax.driver import _pipeline
 
 # --- stopping rule ----------------------------------------------------------------------------
 Y = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, 50))

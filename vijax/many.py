@@ -21,29 +21,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vijax.convergence import ConvState, block_params_batched, describe_stop, resolve_convergence
-from vijax.estimators import resolve_estimator
-from vijax.fit import (
+from vijax.checks import (
     DEFAULT_CHUNK,
     DEFAULT_STEPS,
     _check_int,
     _check_log_joint,
     _check_loop_options,
-    _final_loss,
-    _fixed_init,
-    _n_params,
-    _pipeline,
-    _progress_bar,
     _resolve_dtype,
     check_data,
     default_psis_draws,
 )
+from vijax.convergence import ConvState, block_params_batched, describe_stop, resolve_convergence
+from vijax.driver import _final_loss, _n_params, _pipeline, _progress_bar
+from vijax.estimators import resolve_estimator
 from vijax.guides.resolve import resolve_spec
 from vijax.loop import stopped
 from vijax.model import Model
 from vijax.optim import default_optimizer
 from vijax.psis import psis
 from vijax.result import Diagnostics, FitResult, _weighted_sampler
+from vijax.start import _fixed_init
 
 __all__ = ["fit_many", "FitManyResult"]
 

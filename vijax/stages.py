@@ -1,5 +1,7 @@
-"""Fits made of several fits: the Laplace approximation (MAP stage, then the Hessian) and the
-automatic guide ladder (``guide="auto"``). Both compose :func:`vijax.fit`."""
+"""Fits made of several fits: the Laplace approximation (MAP stage, then the Hessian), the
+automatic guide ladder (``guide="auto"``) and a family fitted in preconditioned coordinates.
+Their inner fits go through :func:`_fit` (``vj.fit`` without preconditioning): staged ones
+back to :func:`fit_staged`, every other family to one run of :mod:`vijax.driver`."""
 
 from __future__ import annotations
 
@@ -12,7 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vijax.checks import (
+    _check_key,
+    _resolve_dtype,
+    check_data,
+    check_fit_options,
+    default_psis_draws,
+)
 from vijax.convergence import Convergence, ConvergenceWarning
+from vijax.driver import family_defaults, fit_single
 from vijax.estimators import resolve_estimator
 from vijax.guides.delta import Delta
 from vijax.guides.fullrank import FullRank
@@ -25,24 +35,10 @@ from vijax.guides.whitened import Whitened
 from vijax.optim import default_optimizer
 from vijax.precondition import _value_fn, newton_mode
 from vijax.result import Diagnostics, FitResult
+from vijax.start import initial_point
+from vijax.trust import _psis_check, warn_if_untrusted
 
 __all__ = ["fit_staged", "laplace_params"]
-
-
-def clear_caches() -> None:
-    """Drop every compiled program vijax and JAX hold (the next fit compiles again): for
-    long-lived processes that fit many different models (each compiled program keeps its
-    machine code mapped in memory)."""
-    import gc
-
-    from vijax import curvature, fit, loop, many, precondition, result
-
-    for module in (fit, loop, many, precondition, result, curvature):
-        for value in vars(module).values():
-            if hasattr(value, "cache_clear"):
-                value.cache_clear()
-    jax.clear_caches()
-    gc.collect()
 
 
 def fit_staged(spec, model, data, kw: dict[str, Any]) -> FitResult:
@@ -105,8 +101,6 @@ def _mode(model, data, kw: dict[str, Any], no_jacobian: frozenset
     definite Hessian (a saddle, a far start), an Adam MAP stage first, then Newton again.
 
     Returns ``(mode, H, method, map_stage_result or None, bound data)``."""
-    from vijax.fit import _resolve_dtype, check_data, initial_point
-
     target = model.target
     dtype = _resolve_dtype(kw.get("dtype"))
     bound = jax.tree_util.tree_map(jnp.asarray, check_data(
@@ -117,15 +111,13 @@ def _mode(model, data, kw: dict[str, Any], no_jacobian: frozenset
         return mode, h, method, None, bound
     stage_kw = {k: v for k, v in kw.items() if k not in ("psis_draws", "precondition")}
     with _quiet():
-        stage = _fit()(model, data, guide=Delta(jacobian=not no_jacobian), psis_draws=0,
-                       precondition=None, **stage_kw)
+        stage = _fit(model, data, guide=Delta(jacobian=not no_jacobian), psis_draws=0,
+                     **stage_kw)
     mode, h, method, _ = newton_mode(target, stage.params["loc"], bound, no_jacobian)
     return mode, h, method, stage, bound
 
 
 def fit_laplace(spec: Laplace, model, data, kw: dict[str, Any]) -> FitResult:
-    from vijax.fit import _check_key, _psis_check
-
     target = model.target
     if target.discrete:
         raise ValueError(f"laplace needs continuous latents; {list(target.discrete_names)} "
@@ -166,8 +158,6 @@ def fit_laplace(spec: Laplace, model, data, kw: dict[str, Any]) -> FitResult:
 
 
 def _psis_count(psis_draws, target) -> int:
-    from vijax.fit import default_psis_draws
-
     return default_psis_draws(target.dim) if psis_draws is None else int(psis_draws)
 
 
@@ -197,8 +187,6 @@ _DENSE = ("fullrank", "iaf", "spline", "realnvp")
 def fit_preconditioned(spec, model, data, kw: dict[str, Any]) -> FitResult:
     """``spec``'s family fitted in coordinates whitened by the curvature at the mode
     (:mod:`vijax.precondition`); ``delta``: the Newton-polished MAP itself."""
-    from vijax.fit import warn_if_untrusted
-
     pre = kw["precondition"]
     target = model.target
     inner = {k: v for k, v in kw.items() if k not in ("precondition", "init_from")}
@@ -208,7 +196,7 @@ def fit_preconditioned(spec, model, data, kw: dict[str, Any]) -> FitResult:
         mode, h, method, stage, bound = _mode(model, data, kw, no_jac)
         if stage is None:  # Newton reached the mode: the MAP, exactly (one step of the
             # loop builds the result's structures; its parameters are then set to the mode)
-            res = _fit()(model, data, guide=spec, precondition=None, **{
+            res = _fit(model, data, guide=spec, **{
                 **inner, "steps": 1, "convergence": None, "psis_draws": 0,
                 "init": {k: v for k, v in target.constrain(mode).items()
                          if k in target.names}})
@@ -243,18 +231,18 @@ def fit_preconditioned(spec, model, data, kw: dict[str, Any]) -> FitResult:
             note = f"no Laplace approximation ({type(e).__name__}: {str(e)[:160]}); "
         if source is None:
             try:
-                source = _fit()(model, data, guide=MeanField(), precondition=None, **inner)
+                source = _fit(model, data, guide=MeanField(), **inner)
                 note += ("whitened by a mean-field Gaussian fitted in the model's own "
                          f"coordinates (k-hat {source.diagnostics.k_hat:.2f})")
             except (ValueError, FloatingPointError) as e:  # a warm start never sinks the fit
                 note += (f"not whitened: the mean-field warm start failed "
                          f"({type(e).__name__}: {str(e)[:160]})")
         if source is None:
-            res = _fit()(model, data, guide=spec, precondition=None, **inner)
+            res = _fit(model, data, guide=spec, **inner)
         else:
             whitened = Whitened(base=unit_family(spec), full=spec.name in _DENSE)
-            res = _fit()(model, data, guide=whitened, init_from=source, precondition=None,
-                         **{**inner, "init": None})
+            res = _fit(model, data, guide=whitened, init_from=source,
+                       **{**inner, "init": None})
     d = res.diagnostics._replace(wall_time=time.perf_counter() - t0, preconditioning=note)
     res = dataclasses.replace(res, diagnostics=d)
     warn_if_untrusted(res, stacklevel=5)
@@ -262,8 +250,6 @@ def fit_preconditioned(spec, model, data, kw: dict[str, Any]) -> FitResult:
 
 
 def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
-    from vijax.fit import warn_if_untrusted
-
     target = model.target
     if kw.get("psis_draws", 1) == 0:
         raise ValueError("guide='auto' chooses by PSIS k-hat: psis_draws must be > 0")
@@ -297,9 +283,8 @@ def fit_ladder(spec: Ladder, model, data, kw: dict[str, Any]) -> FitResult:
             rung_kw = {**kw, "num_particles": IAF_PARTICLES}
         try:
             with _quiet():
-                res = _fit()(model, data, guide=rung_spec, init_from=prev,
-                             init=init if prev is None else None, convergence=rule,
-                             precondition=None, **rung_kw)
+                res = _fit(model, data, guide=rung_spec, init_from=prev,
+                           init=init if prev is None else None, convergence=rule, **rung_kw)
         except (ValueError, TypeError, FloatingPointError) as e:
             # a rung that cannot be fitted here (e.g. laplace at a saddle point, a non-finite
             # run) is recorded and skipped; the next rung starts from the last good one
@@ -388,7 +373,27 @@ def _rung_spec(rung: str, prev: FitResult | None, ladder: Ladder):
     return Whitened(base=_UNIT.get(rung, spec), full=rung in ("fullrank", "iaf"))
 
 
-def _fit():
-    from vijax.fit import fit
-
-    return fit
+def _fit(model, data, *, guide, steps, optimizer, key, num_particles, init, average,
+         chunk_size, dtype, estimator, convergence, max_consecutive_nonfinite, progress,
+         psis_draws, init_from=None) -> FitResult:
+    """``vj.fit(model, data, guide=guide, precondition=None, ...)`` for the fits a staged fit
+    is made of (the arguments are ``fit``'s, as the outer fit got them): Laplace and the
+    ladder come back to :func:`fit_staged`, every other family is one run of the driver."""
+    steps, chunk_size, max_consecutive, psis_draws, rule = check_fit_options(
+        model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress,
+        convergence)
+    spec = resolve_spec(guide)
+    if isinstance(spec, Laplace | Ladder):
+        return fit_staged(spec, model, data, dict(
+            steps=steps, optimizer=optimizer, key=key, num_particles=num_particles, init=init,
+            average=average, chunk_size=chunk_size, dtype=dtype, init_from=init_from,
+            estimator=estimator, convergence=convergence,
+            max_consecutive_nonfinite=max_consecutive_nonfinite, progress=progress,
+            psis_draws=psis_draws, precondition=None))
+    estimator, num_particles, optimizer = family_defaults(spec, model.target, estimator,
+                                                          num_particles, optimizer)
+    return fit_single(model, data, spec, steps=steps, optimizer=optimizer, key=key,
+                      num_particles=num_particles, init=init, average=average,
+                      chunk_size=chunk_size, dtype=dtype, init_from=init_from,
+                      estimator=estimator, rule=rule, max_consecutive=max_consecutive,
+                      progress=progress, psis_draws=psis_draws)

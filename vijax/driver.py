@@ -1,0 +1,265 @@
+"""One guide family fitted by one compiled loop: the pipeline target -> guide -> objective ->
+loop (compiled once per configuration), the chunks run on the host with their progress bar,
+and the result assembled from the loop's final state."""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vijax.checks import _check_int, _check_key, _check_log_joint, _resolve_dtype, check_data
+from vijax.convergence import Convergence, ConvState, block_params, describe_stop
+from vijax.estimators import resolve_estimator
+from vijax.guides.resolve import build_guide
+from vijax.loop import FitState, init_state, make_chunk_runner, stopped
+from vijax.model import Model
+from vijax.objective import make_objective
+from vijax.optim import default_optimizer
+from vijax.result import Diagnostics, FitResult
+from vijax.start import (
+    _check_init_found,
+    _check_source,
+    _fixed_init,
+    _init_finder,
+    _source_loc,
+    _warm_params,
+)
+from vijax.trust import _check_finite_params, _nonfinite_error, _psis_check, warn_if_untrusted
+
+__all__ = ["fit_single", "family_defaults"]
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled pieces, cached on hashable configuration (one program per configuration)
+@functools.lru_cache(maxsize=128)
+def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int,
+              estimator="auto", rule: Convergence | None = None):
+    guide = build_guide(spec, target)
+    objective = make_objective(target, guide, estimator, num_particles)
+    runner = make_chunk_runner(objective, optimizer, chunk_len, rule)
+    find = _init_finder(target, guide.no_jacobian)
+
+    @jax.jit  # everything before the first step is one compiled program
+    def start(key, data, fixed, mask):
+        k_init, k_guide, k_loop = jax.random.split(key, 3)
+        tries, theta, ok = find(k_init, data, fixed, mask)
+        state = init_state(guide.init(k_guide, theta), optimizer,
+                           objective.init_state(theta.dtype), rule)
+        return tries, theta, ok, state, k_loop
+
+    restart = jax.jit(lambda params: init_state(  # warm starts
+        params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
+        rule))
+    return guide, objective, runner, start, restart
+
+
+@functools.lru_cache(maxsize=128)
+def _n_params(target, spec, dtype_name: str) -> tuple[int, bool]:
+    """Number of parameter elements of ``spec``'s guide for ``target`` and whether it is a
+    point mass (they size the stopping rule)."""
+    guide = build_guide(spec, target)
+    shapes = jax.eval_shape(guide.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((target.full_dim,), np.dtype(dtype_name)))
+    n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+    return n, bool(guide.point_mass and not target.discrete)
+
+
+# ---------------------------------------------------------------------------------------------
+def family_defaults(spec, target, estimator, num_particles, optimizer) -> tuple[Any, Any, Any]:
+    """``(estimator, num_particles, optimizer)`` of a new fit of ``spec``, ``None`` replaced by
+    the defaults: the ``"auto"`` estimator, 1 particle (8 with discrete latents, for the
+    score function's leave-one-out baseline), :func:`vijax.default_optimizer` at the
+    family's ``default_learning_rate``."""
+    estimator = resolve_estimator("auto" if estimator is None else estimator)
+    if num_particles is None:
+        num_particles = 8 if target.discrete else 1
+    if optimizer is None:
+        optimizer = default_optimizer(getattr(spec, "default_learning_rate", 0.05))
+    return estimator, num_particles, optimizer
+
+
+def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any,
+               num_particles: int, init, average: float, chunk_size: int, dtype: Any,
+               init_from: FitResult | None, estimator, rule: Convergence | None,
+               max_consecutive: int, progress: bool | None, psis_draws: int,
+               resume: FitResult | None = None) -> FitResult:
+    """:func:`vijax.fit` of one family (not a staged fit): the initial point, the compiled
+    loop run chunk by chunk until the stopping rule or ``steps``, the end-of-fit checks
+    (:mod:`vijax.trust`) and the result.
+
+    The arguments are ``fit``'s, with the loop options checked (:func:`vijax.checks.
+    check_fit_options`: ``rule`` the resolved stopping rule, ``max_consecutive`` the limit of
+    consecutive non-finite steps), ``spec`` a resolved guide spec and, for a new fit, the
+    defaults filled in (:func:`family_defaults`); ``resume``: a result whose loop continues
+    (its spec, estimator, optimizer, particles and dtype given here as they are)."""
+    target = model.target
+    num_particles = _check_int("num_particles", num_particles)
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+    dtype = _resolve_dtype(dtype)
+    data = check_data(model.data if data is None else data, dtype)
+    chunk_len = min(chunk_size, steps)
+    _check_log_joint(model, target, data, dtype)
+    if rule is not None:
+        rule = rule.sized(*_n_params(target, spec, dtype.name))
+    guide_fns, objective, runner, start, restart = _pipeline(
+        target, spec, num_particles, optimizer, chunk_len, estimator, rule)
+    key = _check_key(key)
+    data = jax.tree_util.tree_map(jnp.asarray, data)
+
+    t0 = time.perf_counter()
+    if resume is not None:
+        state, k_loop, theta0 = _resumable_state(resume, rule), resume.loop_key, \
+            resume.init_point
+        previous = np.asarray(resume.losses)
+    else:
+        if init_from is not None:
+            if init is not None:
+                raise ValueError("give init or init_from, not both")
+            _check_source(target, init_from, dtype)
+            fixed = _source_loc(init_from).astype(dtype)
+            fixed[target.dim:] = np.round(fixed[target.dim:])  # discrete: nearest index
+            mask = np.ones((target.full_dim,), bool)
+        else:
+            fixed, mask = _fixed_init(target, init, dtype)
+        tries, theta0, ok, state, k_loop = start(key, data, fixed, mask)
+        _check_init_found(target, tries, theta0, ok, mask)
+        if init_from is not None:
+            warm = _warm_params(spec, state.params, init_from)
+            if warm is not None:
+                state = restart(warm)
+        previous = np.zeros((0,), dtype)
+
+    begin = int(state.step)
+    total = jnp.asarray(begin + steps, jnp.int32)
+    # the averaging window is a fraction of all steps (a resumed fit's included)
+    avg_start = jnp.asarray(begin + steps - math.floor(average * (begin + steps)), jnp.int32)
+    first_chunk_end = jnp.asarray(begin + chunk_len, jnp.int32)
+    limit = jnp.asarray(max_consecutive, jnp.int32)
+    chunks = []
+    with _progress_bar(progress, steps, objective.name) as bar:
+        for _ in range(math.ceil(steps / chunk_len)):
+            state, losses = runner(state, data, k_loop, total, avg_start, first_chunk_end,
+                                   limit)
+            chunks.append(losses)
+            done = int(state.step) - begin
+            bar.update(done, losses)
+            if bool(stopped(state)):
+                break
+    n_run = int(state.step) - begin
+    losses = np.concatenate([previous] + [np.asarray(c) for c in chunks])[:begin + n_run]
+    wall = time.perf_counter() - t0
+
+    conv = state.conv if isinstance(state.conv, ConvState) else None
+    converged = conv is not None and bool(conv.converged)
+    # converged: the average of the last two blocks (at the optimum up to noise); else the
+    # tail average over the last ``average`` fraction of all steps
+    params = block_params(conv) if converged else state.avg_params
+    if bool(state.failed) or int(state.n_nonfinite) - _skipped_before(resume) == n_run:
+        last = _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
+                         theta0, k_loop, estimator, num_particles, wall, begin + steps,
+                         "failed", None)
+        raise _nonfinite_error(target, guide_fns, objective, optimizer, state, data, k_loop,
+                               max_consecutive if bool(state.failed) else 0, last,
+                               1 if guide_fns.point_mass else num_particles)
+    _check_finite_params(target, guide_fns, state, n_run)
+    check = _psis_check(target, guide_fns, params, key, psis_draws, data)
+    res = _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
+                    theta0, k_loop, estimator, num_particles, wall, begin + steps,
+                    "converged" if converged else "max_steps", check)
+    warn_if_untrusted(res, stacklevel=4)  # the warning names the line that called vj.fit
+    return res
+
+def _resumable_state(res: FitResult, rule) -> FitState:
+    """The result's loop state with its stop flags cleared (and the rule's state fitted)."""
+    state = res.state
+    if rule is None:
+        conv = ()
+    elif isinstance(state.conv, ConvState):
+        conv = state.conv._replace(converged=jnp.array(False), streak=jnp.int32(0))
+    else:
+        conv = init_state(state.params, optax.identity(), (), rule).conv
+    return state._replace(failed=jnp.array(False), n_consecutive=jnp.int32(0), conv=conv)
+
+
+def _skipped_before(res: FitResult | None) -> int:
+    return 0 if res is None else int(res.state.n_nonfinite)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress, once per chunk
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, done, losses):
+        pass
+
+
+class _Bar(_NoBar):
+    """tqdm bar updated once per chunk: steps, mean loss of the chunk, steps/s."""
+
+    def __init__(self, steps: int, name: str):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=steps, unit="step", leave=False, dynamic_ncols=True)
+        self._name = name
+        self._done = 0
+
+    def __exit__(self, *exc):
+        self._bar.close()
+        return False
+
+    def update(self, done, losses):
+        x = np.asarray(losses)
+        x = x[np.isfinite(x)]
+        if x.size:
+            self._bar.set_postfix({self._name: f"{x.mean():.4g}"}, refresh=False)
+        self._bar.update(done - self._done)
+        self._done = done
+
+
+def _progress_bar(progress: bool | None, steps: int, name: str):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return _Bar(steps, name) if progress else _NoBar()
+
+
+# ---------------------------------------------------------------------------------------------
+# the result
+def _final_loss(losses: np.ndarray) -> float:
+    """Mean of the finite losses among the last 10% of steps (NaN if there are none)."""
+    tail = losses[-max(1, losses.size // 10):]
+    tail = tail[np.isfinite(tail)]
+    return float(tail.mean()) if tail.size else float("nan")
+
+
+def _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer, theta0,
+              k_loop, estimator, num_particles, wall, max_steps, reason, check) -> FitResult:
+    k_hat, ess, reading, draws = (float("nan"), float("nan"), "not computed", 0) \
+        if check is None else check
+    diagnostics = Diagnostics(
+        n_steps=int(state.step), n_nonfinite_skipped=int(state.n_nonfinite), wall_time=wall,
+        objective=objective.name, num_particles=num_particles, final_loss=_final_loss(losses),
+        estimator=objective.estimator, converged=reason == "converged", stop_reason=reason,
+        max_steps=int(max_steps), k_hat=k_hat, ess=ess, k_hat_reading=reading,
+        psis_draws=draws,
+        criterion=describe_stop(state.conv, reason == "converged",
+                                () if guide_fns.noise_dim else ("gradient",))
+        if isinstance(state.conv, ConvState) else
+        "no stopping rule (convergence=None): ran exactly the steps asked for")
+    return FitResult(model=model, guide=guide_fns, guide_spec=spec, params=params,
+                     last_params=state.params, opt_state=state.opt_state, losses=losses,
+                     diagnostics=diagnostics, optimizer=optimizer, init_point=theta0,
+                     state=state, loop_key=k_loop, estimator=estimator)

@@ -1,0 +1,224 @@
+"""Whether a fit can be trusted, judged at its end: non-finite steps and parameters (a loud
+:class:`NonFiniteError` naming the step and the latents), the PSIS check of q against the
+model, and the warning when a fit did not converge or PSIS reads q as unreliable."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vijax.convergence import ConvergenceWarning
+from vijax.loop import FitState
+from vijax.psis import psis
+from vijax.result import FitResult, _weighted_sampler
+
+__all__ = ["NonFiniteError", "warn_if_untrusted"]
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite steps and parameters
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps had a non-finite loss, gradient or update.
+
+    Attributes:
+        step: the last (skipped) step, 0-based.
+        latents: names of the latents whose draws, constrained values or log-density
+            gradients were not finite at that step (may be empty: see the message).
+        result: a :class:`vijax.FitResult` holding the last finite state (parameters,
+            optimizer state, losses so far): nothing is lost, it can be inspected or resumed.
+    """
+
+    def __init__(self, message: str, step: int, latents: list[str], result: FitResult):
+        super().__init__(message)
+        self.step = step
+        self.latents = latents
+        self.result = result
+
+
+def _nonfinite_error(target, guide, objective, optimizer, state: FitState, data, k_loop,
+                     limit: int, last: FitResult, num_particles: int) -> NonFiniteError:
+    """Re-run the last skipped step from the last finite state and say what went wrong."""
+    step = int(state.step) - 1
+    key = jax.random.fold_in(k_loop, step)
+
+    @jax.jit
+    def probe(params, est_state):
+        (loss, _), grads = jax.value_and_grad(objective.loss, argnums=1, has_aux=True)(
+            key, params, data, est_state)
+        updates, _ = optimizer.update(grads, state.opt_state, params)
+        new = optax.apply_updates(params, updates)
+        # the step's own draws (the objective draws (K, noise_dim) normals from this key)
+        eps = jax.random.normal(key, (num_particles, guide.noise_dim),
+                                jax.tree_util.tree_leaves(params)[0].dtype)
+
+        def one(e):
+            theta, _ = guide.transform(params, e)
+            lp, g = jax.value_and_grad(target.log_density)(theta, data, guide.no_jacobian)
+            return theta, target.constrain(theta), lp, g
+
+        return (loss, grads, new, *jax.vmap(one)(eps))
+
+    loss, grads, new, theta, z, lp, g = probe(state.params, state.est_state)
+    theta, g, lp = np.asarray(theta), np.asarray(g), np.asarray(lp)
+
+    def finite(tree) -> bool:
+        return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+
+    bad = [b.name for b in target.blocks
+           if not (np.all(np.isfinite(theta[:, b.offset:b.offset + b.size]))
+                   and np.all(np.isfinite(np.asarray(z[b.name])))
+                   and np.all(np.isfinite(g[:, b.offset:b.offset + b.size])))]
+    if not np.isfinite(float(loss)) or not finite(grads):
+        what = (f"the loss was {float(loss)}" if not np.isfinite(float(loss)) else
+                "the gradient was not finite")
+        if bad:
+            where = f"; non-finite values or log-density gradients at latent(s) {bad}"
+        elif not np.all(np.isfinite(lp)):
+            i = int(np.argmin(np.isfinite(lp)))
+            bad = _implicated(target, guide, state.params, theta[i], data, last.init_point)
+            where = (f"; the log density was {lp[i]} at {target.describe(theta[i])}" + (
+                f", finite again when latent(s) {bad} alone go back to the guide's centre or "
+                "the initial point"
+                if bad else ""))
+        else:
+            where = "; the draws and the log density were finite: check the guide's parameters"
+    elif not finite(new):
+        if guide.mean is not None:
+            loc = np.asarray(guide.mean(new))
+            bad = [b.name for b in target.blocks
+                   if not np.all(np.isfinite(loc[b.offset:b.offset + b.size]))]
+        what = "the optimizer produced non-finite parameters" + (
+            f" for latents {bad}" if bad else "")
+        where = " from finite gradients (check its step size)"
+    else:
+        what, where = "the step was not finite", ""
+    head = (f"{limit} consecutive steps were not finite" if limit else
+            f"every one of the {step + 1} steps was not finite and nothing was fitted")
+    msg = (f"{head} (last at step {step}): {what}{where}. "
+           "The error's .result holds the last finite state (vj.fit(..., resume=err.result) "
+           "continues from it)")
+    return NonFiniteError(msg, step, bad, last)
+
+
+def _implicated(target, guide, params, theta, data, init_point) -> list[str]:
+    """Latents whose block alone, moved back to the guide's centre or else to the initial
+    point, makes the log density finite again at ``theta`` (the culprits of a non-finite log
+    density)."""
+    refs = [np.asarray(init_point)]
+    if guide.mean is not None:
+        refs.insert(0, np.asarray(guide.mean(params)))
+    log_density = jax.jit(target.log_density)
+    out = []
+    for b in target.blocks:
+        for ref in refs:
+            moved = np.array(theta)
+            moved[b.offset:b.offset + b.size] = ref[b.offset:b.offset + b.size]
+            if np.isfinite(float(log_density(jnp.asarray(moved), data))):
+                out.append(b.name)
+                break
+    return out
+
+
+def _check_finite_params(target, guide, state, steps: int) -> None:
+    """Fail loudly, naming the latents, if the fitted parameters are not finite."""
+    for label, params in (("last iterate", state.params), ("averaged iterate",
+                                                           state.avg_params)):
+        if all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params)):
+            continue
+        bad = ["(see params)"]
+        if guide.mean is not None:
+            loc = np.asarray(guide.mean(params))
+            bad = [b.name for b in target.blocks
+                   if not np.all(np.isfinite(loc[b.offset:b.offset + b.size]))] or ["(scales)"]
+        raise FloatingPointError(
+            f"the {label} of the guide parameters is not finite after {steps} steps (latents "
+            f"{bad}) although the gradients were finite: the optimizer produced non-finite "
+            "updates (check its step size)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the PSIS check and the warning
+def _psis_check(target, guide, params, key, n: int, data):
+    """``(k_hat, ess, reading, n)`` of PSIS on ``n`` draws of q, or ``None`` when off.
+
+    Where k-hat reads "good" or "usable", the PSIS-corrected means and sds of every
+    unconstrained coordinate are compared with q's own (:func:`_psis_shift`): k-hat alone
+    called a q with 0.2-0.7 of a funnel's or banana's true sd "usable" (its tail estimate
+    misses mass that q never visits), while the correction it implies is large there and
+    within Monte Carlo noise of zero for a q that fits. A correction beyond 0.3 sd in a mean
+    or 33% in an sd makes the reading "unreliable", beyond 0.1 sd or 10% "usable" (the
+    accuracy bands of the benchmarks; both past three standard errors of the correction)."""
+    if n == 0:
+        return None
+    if guide.point_mass:
+        return float("nan"), float("nan"), "not applicable (point mass)", 0
+    theta, lw = _weighted_sampler(target, guide, n, False)(jax.random.fold_in(key, 0x5151),
+                                                            params, data)
+    lw = np.asarray(lw, np.float64)
+    if not np.any(np.isfinite(lw)):
+        return float("inf"), 1.0, "unreliable (no draw has a finite log density)", n
+    finite = lw[np.isfinite(lw)]
+    if finite.size == lw.size and np.ptp(finite) < 1e-2:
+        # weights equal to within 1% (float32 rounding of a large log density makes them
+        # unequal in the last digits, and the tail fit then reads k = inf): q is exact
+        return float("-inf"), float(n), "good (the importance weights are constant: q is " \
+            "exact up to 1%)", n
+    res = psis(np.where(np.isfinite(lw), lw, -np.inf))
+    reading = res.reading
+    if np.isfinite(res.k_hat) and res.k_hat < 0.7 or res.k_hat == -np.inf:
+        mean_shift, sd_ratio, se = _psis_shift(np.asarray(theta, np.float64),
+                                               res.log_weights)
+        log_ratio = abs(np.log(sd_ratio))
+        figures = (f"k-hat {res.k_hat:.2f}, but the PSIS-corrected moments differ from q's "
+                   f"by {mean_shift:.2f} sd in a mean and a factor {sd_ratio:.2f} in an sd")
+        if mean_shift > max(0.3, 3 * se) or log_ratio > max(np.log(1.33), 3 * se):
+            reading = f"unreliable ({figures})"
+        elif mean_shift > max(0.1, 3 * se) or log_ratio > max(np.log(1.1), 3 * se):
+            reading = f"usable ({figures})"
+    return float(res.k_hat), float(res.ess), reading, n
+
+
+def _psis_shift(theta: np.ndarray, log_w: np.ndarray) -> tuple[float, float, float]:
+    """Largest PSIS correction of q's moments over the coordinates of ``theta (n, dim)``:
+    ``(max |mean_w - mean_q| / sd_q, sd_w / sd_q farthest from 1, standard error)``; the
+    standard error of both is about ``1 / sqrt(ess)`` (in sd units / on the log scale)."""
+    w = np.exp(log_w - np.max(log_w))
+    w = w / w.sum()
+    mean_q, sd_q = theta.mean(0), theta.std(0)
+    keep = sd_q > 0
+    if not np.any(keep):
+        return 0.0, 1.0, 0.0
+    theta, mean_q, sd_q = theta[:, keep], mean_q[keep], sd_q[keep]
+    mean_w = w @ theta
+    sd_w = np.sqrt(np.maximum(w @ (theta - mean_w) ** 2, 0.0))
+    shift = np.abs(mean_w - mean_q) / sd_q
+    log_ratio = np.log(np.maximum(sd_w, 1e-300) / sd_q)
+    worst = int(np.argmax(np.abs(log_ratio)))
+    ess = 1.0 / float(np.sum(w**2))
+    return float(shift.max()), float(np.exp(log_ratio[worst])), 1.0 / np.sqrt(ess)
+
+
+def warn_if_untrusted(res: FitResult, stacklevel: int = 3) -> None:
+    """Warn (:class:`ConvergenceWarning`) when a fit with a stopping rule did not converge or
+    its PSIS k-hat says q is unreliable: a result is never wrong without a word."""
+    d = res.diagnostics
+    problems = []
+    if d.stop_reason == "max_steps" and d.criterion and not d.criterion.startswith("no "):
+        problems.append(f"the fit ran its {d.n_steps} steps without converging "
+                        f"({d.criterion}); pass more steps= or resume=res")
+    if d.k_hat_reading.startswith("unreliable"):
+        richer = ("no rung of the ladder did better" if d.rung else
+                  "guide='auto' tries richer families")
+        problems.append(f"PSIS says q is an unreliable approximation of this posterior "
+                        f"({d.k_hat_reading}; res.psis_mean() / res.psis_resample() correct "
+                        f"expectations and draws; {richer})")
+    if d.n_nonfinite_skipped:
+        problems.append(f"{d.n_nonfinite_skipped} steps were skipped for a non-finite loss "
+                        "or gradient")
+    if problems:
+        warnings.warn(ConvergenceWarning(f"vj.fit ({d.rung or res.guide.name}): "
+                                         + "; ".join(problems)), stacklevel=stacklevel)
