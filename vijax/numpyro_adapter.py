@@ -1,9 +1,10 @@
 """Adapter: a NumPyro model function becomes a :class:`vijax.model.Model`.
 
 Sites are discovered by running the model under ``numpyro.handlers.seed`` + ``trace`` inside
-``jax.eval_shape``, with the data abstract as in the compiled fit and each latent set to a fixed
-point of its support: nothing is compiled, and a model that cannot run on abstract data fails
-here rather than inside the fit. Every sample site that is not observed becomes a
+``jax.eval_shape``, with the traced data abstract as in the compiled fit (the data leaves the
+model reads with NumPy concrete, see below) and each latent set to a fixed point of its
+support: nothing is compiled, and a model that cannot run so fails here rather than inside
+the fit. Every sample site that is not observed becomes a
 :class:`~vijax.model.Latent` of the site value's shape (plate dimensions included) and support
 ``site["fn"].support``, in site order. A support whose parameters are computed (from data or
 from other latents) is read from two eager traces at two latent points; if it differs between
@@ -28,14 +29,17 @@ over latent, observed and ``numpyro.factor`` sites, evaluated by
 ``numpyro.infer.util.log_density`` at *constrained* latent values (no Jacobian: vijax adds it
 in :mod:`vijax.target`), discrete ones as the int32 arrays vijax passes.
 
-Data: ``(args, kwargs)`` is flattened with ``jax.tree_util``. Leaves that are arrays (NumPy or
-JAX, any dtype and rank, 0-d included), NumPy floating scalars and Python ``float`` are
-*dynamic*: they form ``Model.data`` (a tuple) and are traced, so refitting on new values of the
-same shapes reuses the compiled code. Everything else (``int``, ``bool``, NumPy integer
-scalars, ``None``, strings, callables, other objects) is *static*: baked into the log joint and
-part of the cache key. Python floats are dynamic on purpose (a float that is a compile-time
-constant recompiles on every new value); to make a float static, bind it with
-``functools.partial`` or a closure.
+Data (:mod:`vijax.numpyro_data`): ``(args, kwargs)`` is flattened with ``jax.tree_util``.
+Numeric arrays (NumPy or JAX, any rank, 0-d included), NumPy floating scalars and Python
+``float`` are *traced* where the model uses them only through JAX: they form ``Model.data``
+(a tuple) and are arguments of the compiled program, so refitting on new values of the same
+shapes reuses it. Those the model reads as Python or NumPy values (sizes, indices and masks
+computed with ``np.*`` from the data, a float in an ``if``), found by tracing, are
+*concrete*: closed over, with their content in the cache key, so that new values of them give
+a new program (a recompile, never a stale one). Everything else (``int``, ``bool``, NumPy
+integer scalars, ``None``, strings, callables, other objects) is *static*: baked into the log
+joint and part of the cache key. A float is traced unless the model needs its value (a float
+that is a compile-time constant recompiles on every new value).
 
 Supports are fixed: a support whose parameters depend on the data (``Uniform(0, x.max())``,
 or ``Uniform(0.0, upper)`` with a float argument ``upper``) is baked in for that data, and new
@@ -45,13 +49,12 @@ data that changes it gives a new target (a recompile, never a wrong support).
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import inspect
 import math
 import threading
 import warnings
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
@@ -63,22 +66,22 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
 from vijax.model import Latent, Model, ModelWarning, output_dependence, user_stacklevel
+from vijax.numpyro_data import (
+    TRACED,
+    TRACER_ERRORS,
+    find_concrete,
+    is_candidate,
+    leaf_key,
+    leaf_names,
+    rebuild,
+    split,
+)
 
 __all__ = ["from_numpyro"]
 
 _CACHE_SIZE = 128
-_cache: collections.OrderedDict[Hashable, Model] = collections.OrderedDict()
+_cache: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
 _cache_lock = threading.Lock()
-
-
-class _Dynamic:
-    """Placeholder for a dynamic leaf inside the static-leaf tuple (a singleton)."""
-
-    def __repr__(self) -> str:
-        return "<dynamic>"
-
-
-_DYNAMIC = _Dynamic()
 
 
 def _model_name(model_fn: Callable) -> str:
@@ -86,39 +89,22 @@ def _model_name(model_fn: Callable) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def _is_dynamic(leaf: Any) -> bool:
-    if isinstance(leaf, jax.Array | np.ndarray):
-        return True
-    if isinstance(leaf, np.generic):
-        return np.issubdtype(leaf.dtype, np.floating)
-    return isinstance(leaf, float)
-
-
-def _split(args: tuple, kwargs: dict) -> tuple[Any, tuple, tuple]:
-    """``(args, kwargs)`` -> treedef, static leaves (``_DYNAMIC`` holes), dynamic leaves."""
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    static = tuple(_DYNAMIC if _is_dynamic(x) else x for x in leaves)
-    dynamic = tuple(x for x in leaves if _is_dynamic(x))
-    return treedef, static, dynamic
-
-
-def _rebuild(treedef: Any, static: tuple, data: tuple | list) -> tuple[tuple, dict]:
-    """Inverse of :func:`_split`: ``(args, kwargs)`` from static leaves and dynamic ones."""
-    it = iter(data)
-    leaves = [next(it) if x is _DYNAMIC else x for x in static]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _make_log_joint(model_fn: Callable, name: str, treedef: Any, static: tuple
-                    ) -> Callable[[dict, tuple], Any]:
-    n_dynamic = sum(x is _DYNAMIC for x in static)
+def _make_log_joint(model_fn: Callable, name: str, treedef: Any, static: tuple,
+                    concrete: list[str]) -> Callable[[dict, tuple], Any]:
+    """``log_joint(z, data)``: NumPyro's log density with the traced leaves from ``data`` and
+    the static and concrete ones (named in ``concrete``) closed over."""
+    n_traced = sum(x is TRACED for x in static)
+    closed = (f"; {concrete} are read by the model as NumPy values, so they are fixed in "
+              "this model: for other values of them call from_numpyro again" if concrete
+              else "")
 
     def log_joint(z: dict, data: tuple) -> jax.Array:
-        if not isinstance(data, tuple | list) or len(data) != n_dynamic:
+        if not isinstance(data, tuple | list) or len(data) != n_traced:
             raise ValueError(
-                f"numpyro model {name!r}: data must be the tuple of {n_dynamic} array/float "
-                f"leaves of (args, kwargs) made by from_numpyro (Model.data), got {data!r}")
-        args, kwargs = _rebuild(treedef, static, data)
+                f"numpyro model {name!r}: data must be the tuple of {n_traced} traced "
+                f"array/float leaves of (args, kwargs) made by from_numpyro (Model.data)"
+                f"{closed}; got {data!r}")
+        args, kwargs = rebuild(treedef, static, data)
         return log_density(model_fn, args, kwargs, z)[0]
 
     log_joint.__name__ = f"log_joint_{name}"
@@ -126,17 +112,13 @@ def _make_log_joint(model_fn: Callable, name: str, treedef: Any, static: tuple
     return log_joint
 
 
-@contextlib.contextmanager
-def _explain_tracer_errors(name: str) -> Iterator[None]:
-    try:
-        yield
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
-            jax.errors.TracerArrayConversionError) as e:
-        raise ValueError(
-            f"numpyro model {name!r} uses a dynamic (array or float) argument, or a latent, as "
-            "a Python or NumPy value, e.g. in an `if`, as a size or in np.*; pass sizes as "
-            "Python ints, use jnp, or bind the value with functools.partial so that it is "
-            f"static. JAX said: {e}") from None
+def _latent_read_as_value(name: str, error: Exception) -> ValueError:
+    return ValueError(
+        f"numpyro model {name!r} reads a traced value as a Python or NumPy value (in an `if`, "
+        "as a size or an index, in np.*) even with all its data concrete: either a latent (a "
+        "sampled value: use jnp.* on it, and jnp.where or jax.lax.cond for branches) or a "
+        "value computed with jnp.* from the data (traced under jax.jit like any jnp result: "
+        f"compute sizes, indices and masks from the data with np.*). JAX said: {error}")
 
 
 def _finite_base(support: Any) -> Any:
@@ -237,21 +219,18 @@ def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
     return latents
 
 
-def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple
-              ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any], list[str]]:
-    """Latent shapes/dtypes, supports and the masked latent sites (``obs_mask``,
-    ``handlers.mask``, ``.mask()``) from one abstract trace (nothing is compiled).
-
-    The dynamic data are abstract, as in the compiled fit, so a model that cannot run on them
-    fails here. A support whose parameters are traced depends on data or on other latents:
-    those models are traced eagerly twice (at two latent points) to get concrete supports and
-    to reject supports that depend on latents.
-    """
+def _abstract_sites(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple
+                    ) -> tuple[dict[str, tuple], list[str]]:
+    """One abstract trace (nothing is compiled), with the traced data abstract as in the
+    compiled fit: per latent site its ``ShapeDtypeStruct`` and its support (``None`` where
+    the support's parameters are traced), and the masked latent sites (``obs_mask``,
+    ``handlers.mask``, ``.mask()``). Raises JAX's tracer errors where the model reads an
+    abstract value as a Python or NumPy value."""
     found: dict[str, tuple] = {}
     masked: list[str] = []
 
     def run(data: tuple) -> None:
-        args, kwargs = _rebuild(treedef, static, data)
+        args, kwargs = rebuild(treedef, static, data)
         for site_name, site in _latent_sites(_trace(model_fn, args, kwargs, 0.0), name).items():
             value, support = site["value"], site["fn"].support
             traced = any(isinstance(x, jax.core.Tracer)
@@ -261,19 +240,30 @@ def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: 
             if _site_mask(site) is not None:
                 masked.append(site_name)
 
-    with _explain_tracer_errors(name):
-        jax.eval_shape(run, data)
+    jax.eval_shape(run, data)
+    return found, masked
+
+
+def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple,
+              found: dict[str, tuple]
+              ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any]]:
+    """Latent shapes/dtypes and concrete supports from the sites of :func:`_abstract_sites`.
+
+    A support whose parameters are traced depends on data or on other latents: those models
+    are traced eagerly twice (at two latent points) to get concrete supports and to reject
+    supports that depend on latents.
+    """
     values = {k: v for k, (v, _) in found.items()}
     supports = {k: sup for k, (_, sup) in found.items()}
     if any(sup is None for sup in supports.values()):
-        args, kwargs = _rebuild(treedef, static, data)
+        args, kwargs = rebuild(treedef, static, data)
         first = _latent_sites(_trace(model_fn, args, kwargs, 0.0), name)
         second = _latent_sites(_trace(model_fn, args, kwargs, 0.7), name)
         _check_fixed_supports(first, second, name)
         supports = {k: site["fn"].support for k, site in first.items()}
     supports = {k: _finite_support(sup, k, name) if sup.is_discrete else sup
                 for k, sup in supports.items()}
-    return values, supports, masked
+    return values, supports
 
 
 def _site_mask(site: dict) -> Any:
@@ -290,7 +280,7 @@ def _warn_masked(model_fn: Callable, name: str, treedef: Any, static: tuple, dat
                  masked: list[str]) -> None:
     """Warn naming each latent site some of whose elements are masked out: they add nothing
     to the density, so their posterior is flat. One eager trace (the masks come from data)."""
-    args, kwargs = _rebuild(treedef, static, data)
+    args, kwargs = rebuild(treedef, static, data)
     sites = _latent_sites(_trace(model_fn, args, kwargs, 0.0), name)
     for site_name in masked:
         site = sites[site_name]
@@ -331,7 +321,7 @@ def _warn_unobserved(model_fn: Callable, name: str, treedef: Any, static: tuple,
     names, order = list(values), []
 
     def site_terms(zs, data):
-        args, kwargs = _rebuild(treedef, static, data)
+        args, kwargs = rebuild(treedef, static, data)
         with (handlers.trace() as tr,
               handlers.substitute(data=dict(zip(names, zs, strict=True))),
               handlers.seed(rng_seed=0)):
@@ -400,11 +390,7 @@ def _signature(latents: dict[str, Latent]) -> tuple:
     return tuple(sig)
 
 
-def _cache_key(model_fn: Callable, treedef: Any, static: tuple,
-               latents: dict[str, Latent]) -> Hashable | None:
-    """Hashable key, or ``None`` where something in it is unhashable (memoisation skipped)."""
-    typed = tuple(x if x is _DYNAMIC else (type(x), x) for x in static)  # 1 vs True
-    key = (model_fn, treedef, typed, _signature(latents))
+def _hashable(key: Hashable) -> Hashable | None:
     try:
         hash(key)
     except TypeError:
@@ -412,7 +398,26 @@ def _cache_key(model_fn: Callable, treedef: Any, static: tuple,
     return key
 
 
-def _cache_get(key: Hashable) -> Model | None:
+def _cache_key(model_fn: Callable, treedef: Any, static: tuple,
+               latents: dict[str, Latent]) -> Hashable | None:
+    """Hashable key of a model template, or ``None`` where something in it is unhashable
+    (memoisation skipped). Static and concrete leaves enter by value (:func:`leaf_key`)."""
+    return _hashable(("model", model_fn, treedef, tuple(leaf_key(x) for x in static),
+                      _signature(latents)))
+
+
+def _concrete_key(model_fn: Callable, treedef: Any, leaves: list) -> Hashable | None:
+    """Key of the concrete-leaf set found for a model and argument structure: static leaves
+    by value, candidate leaves by type, shape and dtype."""
+    def spec(x: Any) -> Hashable:
+        if not is_candidate(x):
+            return leaf_key(x)
+        return type(x), np.shape(x), str(x.dtype if hasattr(x, "dtype") else np.result_type(x))
+
+    return _hashable(("concrete", model_fn, treedef, tuple(spec(x) for x in leaves)))
+
+
+def _cache_get(key: Hashable) -> Any:
     with _cache_lock:
         try:
             template = _cache.get(key)
@@ -423,7 +428,7 @@ def _cache_get(key: Hashable) -> Model | None:
         return template
 
 
-def _cache_put(key: Hashable, template: Model) -> None:
+def _cache_put(key: Hashable, template: Any) -> None:
     with _cache_lock:
         _cache[key] = template
         while len(_cache) > _CACHE_SIZE:
@@ -456,13 +461,21 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     ``infer={"enumerate": "parallel"}`` is treated as an ordinary discrete latent (vijax does
     not enumerate it; to sum it out, marginalise it in the model).
 
-    Array and float leaves of ``(args, kwargs)`` are the model's ``data``: a tuple of those
-    leaves in ``jax.tree_util`` flattening order; every other leaf (ints, ``None``, strings,
-    callables) is static (see the module docstring). Calls with the same ``model_fn``, the
-    same static leaves and the same latent shapes and supports return models sharing one
-    ``target`` (the compile-cache key), so refitting on new data of the same shapes does not
-    recompile. Memoisation (the last 128 structures; no data is kept) is skipped when a
-    static leaf is unhashable.
+    The model runs as written for NumPyro: it may compute sizes, indices and masks from its
+    data with NumPy (``int(np.max(group)) + 1``, ``len(np.unique(group))``,
+    ``np.isnan(y)``, ``np.nonzero(x > 0)``) or branch on a float argument. The numeric array
+    and float leaves of ``(args, kwargs)`` that it uses only through JAX are the model's
+    ``data``: a tuple of those leaves in ``jax.tree_util`` flattening order, traced in the
+    compiled fit. Those it reads as NumPy or Python values are *concrete*: found by tracing
+    (:func:`vijax.numpyro_data.find_concrete`), closed over as read-only copies and keyed by
+    content; every other leaf (ints, ``None``, strings, callables) is static (see the module
+    docstring). Calls with the same ``model_fn``, the same static and concrete leaves and the
+    same latent shapes and supports return models sharing one ``target`` (the compile-cache
+    key), so refitting on new values of the traced leaves (same shapes) does not recompile,
+    and new values of a concrete leaf give a new target (a recompile). ``Model.with_data``
+    replaces only the traced leaves: for new values of a concrete one call ``from_numpyro``
+    again. Memoisation (the last 128 structures; concrete leaves are kept, traced data are
+    not) is skipped when a static leaf is unhashable.
 
     Args:
         model_fn: a NumPyro model, ``model_fn(*args, **kwargs)``.
@@ -471,7 +484,7 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
 
     Returns:
         A :class:`~vijax.model.Model` with ``latents`` ``{site: Latent(shape, support)}``,
-        ``log_joint(z, data) -> scalar`` and ``data`` the tuple of dynamic leaves.
+        ``log_joint(z, data) -> scalar`` and ``data`` the tuple of traced leaves.
 
     Warns:
         vijax.ModelWarning: a latent site has masked-out elements (``obs_mask``,
@@ -484,8 +497,8 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
         ValueError: the model has no latent site, a discrete latent site's support is
             infinite (``Poisson``) or not elementwise (``Multinomial``) or its bounds differ
             between elements, a site is a ``numpyro.param``, a plate subsamples, a latent's
-            support depends on other latents (the site or plate is named), or the model uses
-            a dynamic argument as a Python value (e.g. ``if scale > 0``).
+            support depends on other latents (the site or plate is named), or the model reads
+            a latent as a Python or NumPy value (e.g. ``if mu > 0``, ``np.exp(mu)``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -510,13 +523,34 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
         ...         numpyro.sample("y", dist.Normal(2.0 * z - 1.0, 1.0), obs=y)
         >>> from_numpyro(mixture, jnp.array([-1.2, 0.9])).latents["z"]
         Latent(shape=(2,), support=Boolean())
+        >>> import numpy as np
+        >>> def groups(group, y):  # as for NumPyro: the number of groups from the data
+        ...     with numpyro.plate("groups", int(np.max(group)) + 1):
+        ...         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        ...     numpyro.sample("y", dist.Normal(mu[group], 1.0), obs=y)
+        >>> g = from_numpyro(groups, np.array([0, 1, 1]), np.array([0.3, -0.2, 0.1]))
+        >>> g.latents["mu"].shape, len(g.data)  # group is concrete, y is traced
+        ((2,), 1)
     """
     if not callable(model_fn):
         raise TypeError(f"from_numpyro needs a NumPyro model function, got {model_fn!r}")
     name = _model_name(model_fn)
-    treedef, static, data = _split(args, kwargs)
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
 
-    values, supports, masked = _discover(model_fn, name, treedef, static, data)
+    def attempt(concrete: frozenset[int]) -> tuple:
+        static, data = split(leaves, concrete)
+        return static, data, _abstract_sites(model_fn, name, treedef, static, data)
+
+    concrete_key = _concrete_key(model_fn, treedef, leaves)
+    hint = _cache_get(concrete_key) if concrete_key is not None else None
+    candidates = tuple(i for i, x in enumerate(leaves) if is_candidate(x))
+    try:
+        concrete, (static, data, (found, masked)) = find_concrete(attempt, candidates, hint)
+    except TRACER_ERRORS as e:
+        raise _latent_read_as_value(name, e) from None
+    if concrete_key is not None:
+        _cache_put(concrete_key, concrete)
+    values, supports = _discover(model_fn, name, treedef, static, data, found)
     latents = {k: Latent(shape=v.shape, support=supports[k]) for k, v in values.items()}
 
     key = _cache_key(model_fn, treedef, static, latents)
@@ -524,9 +558,13 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     if template is not None:
         return template.with_data(data)
 
-    log_joint = _make_log_joint(model_fn, name, treedef, static)
-    with _explain_tracer_errors(name):  # one abstract evaluation: fail here, not in the fit
+    names = leaf_names(model_fn, args, kwargs)
+    log_joint = _make_log_joint(model_fn, name, treedef, static,
+                                [names[i] for i in sorted(concrete)])
+    try:  # one abstract evaluation: fail here, not in the fit
         jax.eval_shape(log_joint, values, data)
+    except TRACER_ERRORS as e:
+        raise _latent_read_as_value(name, e) from None
     if masked:
         _warn_masked(model_fn, name, treedef, static, data, masked)
     nones = _none_arguments(model_fn, args, kwargs)
