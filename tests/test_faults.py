@@ -22,8 +22,8 @@ import pytest
 from numpyro.distributions import constraints
 
 import vijax as vj
-import vijax.io as vio
 from tests.conftest import precision
+from vijax.checkpoint.archive import _digest
 from vijax.checks import _check_key, check_data
 
 Y = np.array([0.5, -0.3, 1.1])
@@ -224,7 +224,7 @@ def _forge(saved, path, change):
     change(manifest)
     arrays = [(m["name"], np.load(io.BytesIO(members[m["name"] + ".npy"]),
                                   allow_pickle=False)) for m in manifest["members"]]
-    manifest["sha256"] = vio._digest(manifest, arrays)
+    manifest["sha256"] = _digest(manifest, arrays)
     members["manifest.json"] = json.dumps(manifest).encode()
     return _write(path, members)
 

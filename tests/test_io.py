@@ -1,4 +1,5 @@
-"""Checkpoints (``vijax.io``): bitwise round trips, refusals, no pickle, atomic writes."""
+"""Checkpoints (``vijax.io``, ``vijax.checkpoint``): bitwise round trips, refusals, no pickle,
+atomic writes."""
 
 import dataclasses
 import json
@@ -17,7 +18,7 @@ from conftest import precision, raw_fit
 from numpyro.distributions import constraints
 
 import vijax as vj
-import vijax.io as vio
+from vijax.checkpoint import archive, config
 
 Y = np.array([0.3, -0.5, 1.2, 0.8])
 
@@ -177,7 +178,7 @@ def test_without_state_and_key(res, tmp_path):
     _assert_trees_bitwise(res.params, back.params, "params")
 
 
-@pytest.mark.parametrize("config", [
+@pytest.mark.parametrize("spec", [
     vj.guides.Delta(), vj.guides.MeanField(0.3), vj.guides.LowRank(rank=2, init_scale=1),
     vj.guides.FullRank(), vj.guides.IAF(num_layers=2, hidden=(8, 4)),
     vj.guides.Spline(num_bins=4, bound=3.0, base=vj.guides.LowRank(rank=1)),
@@ -185,10 +186,10 @@ def test_without_state_and_key(res, tmp_path):
     *(cls() for cls in vj.estimators.ESTIMATOR_NAMES.values()),
     vj.estimators.Renyi(alpha=0.25), vj.estimators.Score(baseline=None, decay=0.5),
 ], ids=repr)
-def test_config_json_round_trip(config):
-    text = json.dumps(vio._encode(config, "config"))  # plain JSON, no Python objects
-    back = vio._decode(json.loads(text), "config")
-    assert back == config and type(back) is type(config) and hash(back) == hash(config)
+def test_config_json_round_trip(spec):
+    text = json.dumps(config.encode(spec, "config"))  # plain JSON, no Python objects
+    back = config.decode(json.loads(text), "config")
+    assert back == spec and type(back) is type(spec) and hash(back) == hash(spec)
 
 
 def test_unknown_spec_refused_on_save(res, tmp_path):
@@ -248,7 +249,7 @@ def test_tampered_manifest(saved, tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (lambda m: m.update(vijax_version="9.9.0"), r"written by vijax 9\.9\.0, this is vijax"),
-    (lambda m: m.update(format_version=vio.FORMAT_VERSION + 1), "newer than the format"),
+    (lambda m: m.update(format_version=archive.FORMAT_VERSION + 1), "newer than the format"),
     (lambda m: m.update(format_version=1), "format 1, whose full-rank Gaussian parameters"),
     (lambda m: m.update(format_version=2), "format 2, whose loop state lacks"),
     (lambda m: m.update(format="something-else"), "not a vijax checkpoint"),
@@ -347,7 +348,7 @@ def test_atomic_write(res, tmp_path, monkeypatch, where):
         raise OSError("disk full")
 
     if where == "replace":
-        monkeypatch.setattr(vio.os, "replace", fail)
+        monkeypatch.setattr(archive.os, "replace", fail)
     else:
         monkeypatch.setattr(np.lib.format, "write_array", fail)
     with pytest.raises(OSError, match="disk full"):

@@ -18,8 +18,7 @@ from vijax.predictive import predictive
 from vijax.psis import PSISResult, psis
 from vijax.result import Diagnostics, FitResult, Summary
 from vijax.trust import NonFiniteError
-
-__version__ = "0.1.0"
+from vijax.version import __version__
 
 __all__ = [
     "Latent", "Param", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics", "Summary",

@@ -1,16 +1,20 @@
-"""Export a fit result to ArviZ (optional dependency)."""
+"""Export a fit result to ArviZ (optional dependency).
+
+Duck-typed on the result (it reads ``sample``, ``guide``, ``diagnostics`` and ``losses``), so
+that ``FitResult.to_arviz`` can call it without an import cycle."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import inspect
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from vijax.result import FitResult
+if TYPE_CHECKING:
+    from vijax.result import FitResult  # annotations only: vijax.result imports this module
 
 __all__ = ["to_arviz"]
 
@@ -138,7 +142,7 @@ def to_arviz(res: FitResult, key: jax.Array | None = None, n: int = 1000) -> Any
         >>> data.posterior["theta"].dims  # doctest: +SKIP
         ('chain', 'draw', 'theta_dim_0')
     """
-    if not isinstance(res, FitResult):
+    if not all(hasattr(res, a) for a in ("sample", "guide", "diagnostics", "losses")):
         raise TypeError(f"res must be a vj.FitResult, got {type(res)}")
     az, xr = _import_arviz()
     draws = res.sample(jax.random.key(0) if key is None else key, n)

@@ -1,4 +1,7 @@
-"""Plots of a fit result: the loss trace and posterior marginals (matplotlib, optional)."""
+"""Plots of a fit result: the loss trace and posterior marginals (matplotlib, optional).
+
+Duck-typed on the result (it reads ``losses``, ``diagnostics``, ``target`` and ``sample``), so
+that ``FitResult.plot`` can call it without an import cycle."""
 
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from vijax.result import FitResult
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from vijax.result import FitResult  # annotations only: vijax.result imports this module
 
 __all__ = ["plot"]
 
@@ -166,7 +169,7 @@ def plot(res: FitResult, *, latents: str | Sequence[str] | None = None,
     Example:
         >>> fig = res.plot(latents=["mu", "tau"], path="fit.png")  # doctest: +SKIP
     """
-    if not isinstance(res, FitResult):
+    if not all(hasattr(res, a) for a in ("losses", "diagnostics", "target", "sample")):
         raise TypeError(f"res must be a vj.FitResult, got {type(res)}")
     if isinstance(max_panels, bool) or not isinstance(max_panels, int) or max_panels < 1:
         raise ValueError(f"max_panels must be an int >= 1, got {max_panels!r}")

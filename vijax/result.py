@@ -11,7 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vijax.arviz_export import to_arviz
+from vijax.checkpoint.write import save
 from vijax.guides.base import Guide
+from vijax.plots import plot
+from vijax.psis import psis
 
 __all__ = ["FitResult", "Diagnostics", "Summary"]
 
@@ -250,8 +254,6 @@ class FitResult:
         :class:`vijax.PSISResult` (``log_weights (n,)`` normalised, ``k_hat``, ``ess``,
         ``reading``). ``data`` defaults to the model's bound data.
         """
-        from vijax.psis import psis
-
         n = _check_n(n, 10)
         if self.guide.point_mass:
             raise ValueError("PSIS needs a guide with a density; this guide is a point mass")
@@ -285,18 +287,12 @@ class FitResult:
     # --- workflow: checkpoints, ArviZ, plots (implemented in their own modules) -------------
     def save(self, path) -> None:
         """Write this result to ``path`` without pickle (see :func:`vijax.io.save`)."""
-        from vijax.io import save
-
         save(self, path)
 
     def to_arviz(self, key: jax.Array | None = None, n: int = 1000):
         """Draws of q as ArviZ data (see :func:`vijax.arviz_export.to_arviz`)."""
-        from vijax.arviz_export import to_arviz
-
         return to_arviz(self, key=key, n=n)
 
     def plot(self, **kwargs):
         """The loss trace and posterior marginals (see :func:`vijax.plots.plot`)."""
-        from vijax.plots import plot
-
         return plot(self, **kwargs)

@@ -1,0 +1,135 @@
+"""Saving a fit result: every array leaf packed into numbered ``.npy`` members, the rest into
+the JSON manifest, with a SHA-256 over both (the format: :mod:`vijax.checkpoint`).
+
+Duck-typed on the result (it reads the fields :class:`vijax.FitResult` has), so that
+``FitResult.save`` can call it without an import cycle."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from vijax.checkpoint.archive import FORMAT, FORMAT_VERSION, _digest, _storable, write_archive
+from vijax.checkpoint.config import encode
+from vijax.optim import DEFAULT_LEARNING_RATE, default_optimizer
+from vijax.version import __version__
+
+if TYPE_CHECKING:  # annotations only: vijax.result imports this module
+    from vijax.result import FitResult
+
+__all__ = ["save"]
+
+_GROUPS = ("params", "last_params", "opt_state", "state", "init_point", "losses", "loop_key")
+_FIELDS = ("model", "guide_spec", "estimator", "optimizer", "diagnostics", *_GROUPS)
+"""What ``save`` reads from a result: the array groups and the configuration."""
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+class _Packer:
+    """Collects array leaves into members, storing each distinct leaf object once."""
+
+    def __init__(self):
+        self.arrays: list[tuple[str, np.ndarray]] = []
+        self._seen: dict[int, str] = {}
+        self._keep: list[Any] = []  # keeps ids valid while packing
+
+    def tree(self, group: str, tree: Any) -> list[dict] | None:
+        if tree is None:
+            return None
+        leaves = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            where = group + jax.tree_util.keystr(path)
+            record = {"path": jax.tree_util.keystr(path)}
+            if _is_key(leaf):
+                record.update(shape=list(leaf.shape), dtype=str(leaf.dtype), numpy=False,
+                              key_impl=str(jax.random.key_impl(leaf)))
+                data = jax.random.key_data(leaf)
+            elif isinstance(leaf, jax.Array | np.ndarray):
+                record.update(shape=list(leaf.shape), dtype=str(leaf.dtype),
+                              numpy=isinstance(leaf, np.ndarray))
+                data = leaf
+            else:
+                raise ValueError(f"cannot save {where}: a checkpoint stores arrays only, got "
+                                 f"{type(leaf).__name__} {leaf!r}")
+            record["member"] = self._member(leaf, data, where)
+            leaves.append(record)
+        return leaves
+
+    def _member(self, leaf: Any, data: Any, where: str) -> str:
+        if id(leaf) in self._seen:
+            return self._seen[id(leaf)]
+        arr = np.asarray(data)
+        if arr.dtype.hasobject:
+            raise ValueError(f"cannot save {where}: object arrays are not allowed")
+        name = f"a{len(self.arrays)}"
+        self.arrays.append((name, _storable(arr)))
+        self._seen[id(leaf)] = name
+        self._keep.append(leaf)
+        return name
+
+
+def _optimizer_record(res: FitResult) -> dict:
+    lrs = (getattr(res.guide_spec, "default_learning_rate", DEFAULT_LEARNING_RATE),
+           DEFAULT_LEARNING_RATE)
+    for lr in dict.fromkeys(lrs):
+        if res.optimizer is default_optimizer(lr):
+            return {"kind": "default", "learning_rate": lr}
+    return {"kind": "custom"}
+
+
+def _latent_records(model) -> list[dict]:
+    return [{"name": name, "shape": list(lat.shape), "support": repr(lat.support)}
+            for name, lat in model.latents.items()]
+
+
+def _pack(res: FitResult) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    if not all(hasattr(res, f) for f in _FIELDS):
+        raise TypeError(f"save expects a vj.FitResult, got {type(res)}")
+    packer = _Packer()
+    trees = {g: packer.tree(g, getattr(res, g)) for g in _GROUPS}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vijax_version": __version__,
+        "jax_version": jax.__version__,
+        "numpy_version": np.__version__,
+        "latents": _latent_records(res.model),
+        "guide_spec": encode(res.guide_spec, "guide spec"),
+        "estimator": encode(res.estimator, "estimator"),
+        "optimizer": _optimizer_record(res),
+        "diagnostics": {k: encode(v, f"diagnostics.{k}")
+                        for k, v in res.diagnostics._asdict().items()},
+        "members": [{"name": n, "dtype": a.dtype.str, "shape": list(a.shape)}
+                    for n, a in packer.arrays],
+        "trees": trees,
+    }
+    manifest["sha256"] = _digest(manifest, packer.arrays)
+    return manifest, packer.arrays
+
+
+def save(res: FitResult, path: str | os.PathLike) -> None:
+    """Write ``res`` to the single file ``path``, atomically and without pickle.
+
+    The file (format in the module docstring) holds every array of the result (``params``,
+    ``last_params``, ``opt_state``, ``state``, ``init_point``, ``losses``, ``loop_key``)
+    bit for bit, a JSON manifest (versions, latents, guide spec, estimator, optimizer,
+    diagnostics, leaf paths, shapes and dtypes) and a SHA-256 over both. It is written to a
+    temporary file in the same directory and renamed over ``path``, so ``path`` always holds
+    either its old content or the complete new file. The model and a custom optimizer are
+    functions and are not stored: :func:`load` takes them again.
+
+    Raises:
+        ValueError: the guide spec, estimator or diagnostics hold something other than JSON
+            values and vijax configuration classes, or a pytree leaf is not an array.
+
+    Example:
+        >>> res.save("fit.vjx")  # doctest: +SKIP
+    """
+    manifest, arrays = _pack(res)  # everything is checked before the disk is touched
+    write_archive(path, manifest, arrays)
