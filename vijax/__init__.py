@@ -21,7 +21,8 @@ from vijax.trust import NonFiniteError
 from vijax.version import __version__
 
 __all__ = [
-    "Latent", "Param", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics", "Summary",
+    "Latent", "Param", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics",
+    "Summary",
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
     "load", "predictive", "Convergence", "ConvergenceWarning", "Precondition", "NonFiniteError",
     "fit_many", "FitManyResult",

@@ -258,19 +258,19 @@ def _trace_log_joint(model: Model, target, data, dtype) -> None:
     shapes = {b.name: b.shape for b in target.blocks + target.discrete}
     if model.factorised:
         prior = _trace(lambda: jax.eval_shape(
-            lambda t: model.log_prior(target.constrain(t)), theta), "log_prior", shapes)
+            lambda t: model.log_prior(target.values(t)), theta), "log_prior", shapes)
         _check_float(prior, "log_prior")
         if prior.shape != ():
             raise ValueError(f"log_prior must return a scalar, got shape {prior.shape}")
         lik = _trace(lambda: jax.eval_shape(
-            lambda t, d: model.log_likelihood(target.constrain(t), d), theta, data),
+            lambda t, d: model.log_likelihood(target.values(t), d), theta, data),
             "log_likelihood", shapes)
         _check_float(lik, "log_likelihood")
         if len(lik.shape) != 1:
             raise ValueError("log_likelihood must return one value per observation, shape "
                              f"(N,); got shape {lik.shape}")
         return
-    out = _trace(lambda: jax.eval_shape(lambda t, d: model.log_joint(target.constrain(t), d),
+    out = _trace(lambda: jax.eval_shape(lambda t, d: model.log_joint(target.values(t), d),
                                         theta, data), "log_joint", shapes)
     if not hasattr(out, "shape"):
         raise TypeError(f"log_joint must return a scalar array, got {type(out)}")

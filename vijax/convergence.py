@@ -80,6 +80,14 @@ class Convergence:
         gradient_test: apply criterion 1; ``fit`` turns it off for point masses (MAP), whose
             gradient has no Monte Carlo noise to measure a distance against (their iterates
             converge with a gradient of one sign).
+        noise_ratio: ``r``, the extra gradient variance of minibatches relative to the
+            Monte Carlo variance of the draws (``fit`` sets ``r = N / B`` for B of N
+            observations: in whitened coordinates a minibatch gradient has variance about
+            ``N / B`` per coordinate). The gradient test's tolerance becomes
+            ``tol / sqrt(1 + r)`` (the per-step sd is inflated by ``sqrt(1 + r)``) and the
+            automatic window grows by ``1 + r`` to keep the test's power: certifying an
+            estimate within ``tol`` posterior sds takes about ``(1 + r) / tol^2`` steps,
+            i.e. ``1 / tol^2`` epochs.
 
     Example:
         >>> import vijax as vj
@@ -94,6 +102,7 @@ class Convergence:
     tol: float = 0.1
     min_steps: int = 0
     gradient_test: bool = True
+    noise_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         for name, low in (("window", 10), ("patience", 1), ("min_steps", 0)):
@@ -102,7 +111,8 @@ class Convergence:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"Convergence {name} must be an int >= {low}, got {v!r}")
-        for name, positive in (("z", True), ("rtol", False), ("tol", True)):
+        for name, positive in (("z", True), ("rtol", False), ("tol", True),
+                               ("noise_ratio", False)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not (
                     (v > 0 if positive else v >= 0) and v < float("inf")):
@@ -110,13 +120,20 @@ class Convergence:
                                  f"{'> 0' if positive else '>= 0'}, got {v!r}")
             object.__setattr__(self, name, float(v))
 
-    def sized(self, n_params: int, point_mass: bool = False) -> Convergence:
+    def sized(self, n_params: int, point_mass: bool = False,
+              noise_ratio: float = 0.0) -> Convergence:
         """This rule with ``window=None`` replaced by :func:`auto_window` of ``n_params``
-        (and without the gradient test for a point mass)."""
+        (times ``1 + noise_ratio``), without the gradient test for a point mass, and with
+        the minibatch ``noise_ratio`` (unless the rule sets its own)."""
         rule = self if not point_mass else dataclasses.replace(self, gradient_test=False)
+        if noise_ratio and not rule.noise_ratio:
+            rule = dataclasses.replace(rule, noise_ratio=float(noise_ratio))
         if rule.window is not None:
             return rule
-        return dataclasses.replace(rule, window=auto_window(n_params, rule.tol))
+        w = auto_window(n_params, rule.tol)
+        if rule.noise_ratio:
+            w = min(2**30, 50 * math.ceil(w * (1.0 + rule.noise_ratio) / 50))
+        return dataclasses.replace(rule, window=w)
 
 
 def auto_window(n_params: int, tol: float = 0.1) -> int:
@@ -251,7 +268,8 @@ def update_conv_state(rule: Convergence, c: ConvState, loss, params, grads, step
             lambda: (jnp.zeros((), dtype), jnp.zeros((), dtype)))
     else:
         ratio, floor = _gradient_test(c, g_sum, g_sq, count, dtype)
-    threshold = rule.tol + floor
+    threshold = (rule.tol / math.sqrt(1.0 + rule.noise_ratio) if rule.noise_ratio
+                 else rule.tol) + floor
     small_gradient = c.has_prev & ((ratio <= threshold) | (not rule.gradient_test))
     passed = stalled & not_rising & small_gradient
     streak = jnp.where(end, jnp.where(passed, c.streak + 1, 0), c.streak)

@@ -15,9 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vijax.checks import _check_int, _check_key, _check_log_joint, _resolve_dtype, check_data
+from vijax.checks import _check_int, _check_key, _check_log_joint, _resolve_dtype
 from vijax.convergence import Convergence, ConvState, block_params, describe_stop
+from vijax.data import Feed
 from vijax.estimators import resolve_estimator
+from vijax.feeding import (
+    _check_batch_axis,
+    _chunk_args,
+    _data_feed,
+    _epochs,
+    _feed_args,
+    _psis_default,
+)
 from vijax.guides.resolve import build_guide
 from vijax.loop import FitState, init_state, make_chunk_runner, stopped
 from vijax.model import Model
@@ -41,34 +50,42 @@ __all__ = ["fit_single", "family_defaults"]
 # compiled pieces, cached on hashable configuration (one program per configuration)
 @functools.lru_cache(maxsize=128)
 def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int,
-              estimator="auto", rule: Convergence | None = None):
+              estimator="auto", rule: Convergence | None = None, feed: Feed | None = None):
     guide = build_guide(spec, target)
-    objective = make_objective(target, guide, estimator, num_particles)
-    runner = make_chunk_runner(objective, optimizer, chunk_len, rule)
+    if feed is None:
+        objective = make_objective(target, guide, estimator, num_particles)
+    else:
+        objective = make_objective(target, guide, estimator, num_particles, weighted=True,
+                                   kl_weighted=feed.kl is not None)
+    runner = make_chunk_runner(objective, optimizer, chunk_len, rule, feed)
     find = _init_finder(target, guide.no_jacobian)
+
+    def with_model_params(gparams, dtype):
+        return (gparams, target.param_init(dtype)) if target.params else gparams
 
     @jax.jit  # everything before the first step is one compiled program
     def start(key, data, fixed, mask):
         k_init, k_guide, k_loop = jax.random.split(key, 3)
         tries, theta, ok = find(k_init, data, fixed, mask)
-        state = init_state(guide.init(k_guide, theta), optimizer,
-                           objective.init_state(theta.dtype), rule)
+        params = with_model_params(guide.init(k_guide, theta), theta.dtype)
+        state = init_state(params, optimizer, objective.init_state(theta.dtype), rule, feed)
         return tries, theta, ok, state, k_loop
 
     restart = jax.jit(lambda params: init_state(  # warm starts
         params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
-        rule))
+        rule, feed))
     return guide, objective, runner, start, restart
 
 
 @functools.lru_cache(maxsize=128)
 def _n_params(target, spec, dtype_name: str) -> tuple[int, bool]:
-    """Number of parameter elements of ``spec``'s guide for ``target`` and whether it is a
-    point mass (they size the stopping rule)."""
+    """Number of parameter elements of ``spec``'s guide (and the model's parameters) for
+    ``target`` and whether the guide is a point mass (they size the stopping rule)."""
     guide = build_guide(spec, target)
     shapes = jax.eval_shape(guide.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((target.full_dim,), np.dtype(dtype_name)))
     n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+    n += sum(b.size for b in target.params)
     return n, bool(guide.point_mass and not target.discrete)
 
 
@@ -89,8 +106,10 @@ def family_defaults(spec, target, estimator, num_particles, optimizer) -> tuple[
 def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any,
                num_particles: int, init, average: float, chunk_size: int, dtype: Any,
                init_from: FitResult | None, estimator, rule: Convergence | None,
-               max_consecutive: int, progress: bool | None, psis_draws: int,
-               resume: FitResult | None = None) -> FitResult:
+               max_consecutive: int, progress: bool | None, psis_draws: int | None,
+               resume: FitResult | None = None, batch_size: int | None = None,
+               shuffle: str = "epoch", stream: bool = False, kl_weight: Any = None
+               ) -> FitResult:
     """:func:`vijax.fit` of one family (not a staged fit): the initial point, the compiled
     loop run chunk by chunk until the stopping rule or ``steps``, the end-of-fit checks
     (:mod:`vijax.trust`) and the result.
@@ -105,15 +124,29 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
     dtype = _resolve_dtype(dtype)
-    data = check_data(model.data if data is None else data, dtype)
+    data, host, feed, n_obs = _data_feed(model, data, dtype, batch_size, shuffle, stream,
+                                         kl_weight, resume)
     chunk_len = min(chunk_size, steps)
-    _check_log_joint(model, target, data, dtype)
+    _check_log_joint(model, target, data if host is None else host.batch_shapes(
+        feed.minibatch.batch_size), dtype)
+    if feed is not None and feed.minibatch is not None:
+        _check_batch_axis(model, target, data if host is None else host.batch_shapes(
+            feed.minibatch.batch_size), dtype)
+    if psis_draws is None:
+        psis_draws = _psis_default(target.dim, n_obs if feed is not None else None)
     if rule is not None:
-        rule = rule.sized(*_n_params(target, spec, dtype.name))
+        noise = n_obs / feed.minibatch.batch_size if (
+            feed is not None and feed.minibatch is not None
+            and feed.minibatch.batch_size < n_obs) else 0.0
+        rule = rule.sized(*_n_params(target, spec, dtype.name), noise_ratio=noise)
     guide_fns, objective, runner, start, restart = _pipeline(
-        target, spec, num_particles, optimizer, chunk_len, estimator, rule)
+        target, spec, num_particles, optimizer, chunk_len, estimator, rule, feed)
     key = _check_key(key)
-    data = jax.tree_util.tree_map(jnp.asarray, data)
+    if host is None:
+        data = jax.tree_util.tree_map(jnp.asarray, data)
+    else:  # the initial point and the checks use the first batch
+        data = jax.tree_util.tree_map(jnp.asarray,
+                                      host.gather(np.arange(feed.minibatch.batch_size)))
 
     t0 = time.perf_counter()
     if resume is not None:
@@ -133,9 +166,13 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
         tries, theta0, ok, state, k_loop = start(key, data, fixed, mask)
         _check_init_found(target, tries, theta0, ok, mask)
         if init_from is not None:
-            warm = _warm_params(spec, state.params, init_from)
-            if warm is not None:
-                state = restart(warm)
+            gparams, mparams = target.split_params(state.params)
+            warm = _warm_params(spec, gparams, init_from)
+            if target.params and init_from.mparams is not None:
+                mparams = init_from.mparams
+            if warm is not None or (target.params and init_from.mparams is not None):
+                gparams = gparams if warm is None else warm
+                state = restart((gparams, mparams) if target.params else gparams)
         previous = np.zeros((0,), dtype)
 
     begin = int(state.step)
@@ -145,10 +182,19 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
     first_chunk_end = jnp.asarray(begin + chunk_len, jnp.int32)
     limit = jnp.asarray(max_consecutive, jnp.int32)
     chunks = []
-    with _progress_bar(progress, steps, objective.name) as bar:
-        for _ in range(math.ceil(steps / chunk_len)):
-            state, losses = runner(state, data, k_loop, total, avg_start, first_chunk_end,
-                                   limit)
+    args = _feed_args(feed, host, n_obs, k_loop)
+    loop_data = () if host is not None else data
+    with _progress_bar(progress, steps, objective.name, _epochs(feed, n_obs)) as bar:
+        pending = None if host is None else host.chunk(feed.minibatch, begin, chunk_len,
+                                                       args["seed_host"])
+        for i in range(math.ceil(steps / chunk_len)):
+            feed_args = None if feed is None else _chunk_args(args, pending)
+            state, losses = runner(state, loop_data, k_loop, total, avg_start,
+                                   first_chunk_end, limit, feed_args)
+            if host is not None and i + 1 < math.ceil(steps / chunk_len):
+                # the next chunk's batches: gathered and shipped while this chunk runs
+                pending = host.chunk(feed.minibatch, begin + (i + 1) * chunk_len, chunk_len,
+                                     args["seed_host"])
             chunks.append(losses)
             done = int(state.step) - begin
             bar.update(done, losses)
@@ -166,15 +212,20 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
     if bool(state.failed) or int(state.n_nonfinite) - _skipped_before(resume) == n_run:
         last = _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
                          theta0, k_loop, estimator, num_particles, wall, begin + steps,
-                         "failed", None)
+                         "failed", None, feed)
         raise _nonfinite_error(target, guide_fns, objective, optimizer, state, data, k_loop,
                                max_consecutive if bool(state.failed) else 0, last,
                                1 if guide_fns.point_mass else num_particles)
     _check_finite_params(target, guide_fns, state, n_run)
-    check = _psis_check(target, guide_fns, params, key, psis_draws, data)
+    gparams, mparams = target.split_params(params)
+    if feed is None:
+        check = _psis_check(target, guide_fns, gparams, key, psis_draws, data, mparams)
+    else:
+        check = _psis_check(target, guide_fns, gparams, key, psis_draws,
+                            data if host is None else host, mparams, blocked=True)
     res = _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
                     theta0, k_loop, estimator, num_particles, wall, begin + steps,
-                    "converged" if converged else "max_steps", check)
+                    "converged" if converged else "max_steps", check, feed)
     warn_if_untrusted(res, stacklevel=4)  # the warning names the line that called vj.fit
     return res
 
@@ -210,10 +261,15 @@ class _NoBar:
 class _Bar(_NoBar):
     """tqdm bar updated once per chunk: steps, mean loss of the chunk, steps/s."""
 
-    def __init__(self, steps: int, name: str):
+    def __init__(self, steps: int, name: str, epoch: float | None = None):
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=steps, unit="step", leave=False, dynamic_ncols=True)
+        self._epoch = epoch
+        if epoch:
+            self._bar = tqdm(total=round(steps / epoch, 2), unit="epoch", leave=False,
+                             dynamic_ncols=True)
+        else:
+            self._bar = tqdm(total=steps, unit="step", leave=False, dynamic_ncols=True)
         self._name = name
         self._done = 0
 
@@ -226,14 +282,18 @@ class _Bar(_NoBar):
         x = x[np.isfinite(x)]
         if x.size:
             self._bar.set_postfix({self._name: f"{x.mean():.4g}"}, refresh=False)
-        self._bar.update(done - self._done)
+        if self._epoch:
+            self._bar.update(round((done - self._done) / self._epoch, 2))
+        else:
+            self._bar.update(done - self._done)
         self._done = done
 
 
-def _progress_bar(progress: bool | None, steps: int, name: str):
+def _progress_bar(progress: bool | None, steps: int, name: str, epoch: int | None = None):
+    """A bar in steps, or in epochs (``epoch`` steps each) for minibatched fits."""
     if progress is None:
         progress = sys.stderr.isatty()
-    return _Bar(steps, name) if progress else _NoBar()
+    return _Bar(steps, name, epoch) if progress else _NoBar()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +306,8 @@ def _final_loss(losses: np.ndarray) -> float:
 
 
 def _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer, theta0,
-              k_loop, estimator, num_particles, wall, max_steps, reason, check) -> FitResult:
+              k_loop, estimator, num_particles, wall, max_steps, reason, check,
+              feed=None) -> FitResult:
     k_hat, ess, reading, draws = (float("nan"), float("nan"), "not computed", 0) \
         if check is None else check
     diagnostics = Diagnostics(
@@ -259,7 +320,22 @@ def _assemble(model, guide_fns, spec, params, state, losses, objective, optimize
                                 () if guide_fns.noise_dim else ("gradient",))
         if isinstance(state.conv, ConvState) else
         "no stopping rule (convergence=None): ran exactly the steps asked for")
-    return FitResult(model=model, guide=guide_fns, guide_spec=spec, params=params,
-                     last_params=state.params, opt_state=state.opt_state, losses=losses,
+    if feed is not None:
+        parts = [x for x in (_describe_minibatch(feed.minibatch),
+                             feed.kl.describe() if feed.kl is not None else "") if x]
+        diagnostics = diagnostics._replace(data="; ".join(parts))
+    gparams, mparams = model.target.split_params(params)
+    return FitResult(model=model, guide=guide_fns, guide_spec=spec, params=gparams,
+                     last_params=model.target.split_params(state.params)[0],
+                     opt_state=state.opt_state, losses=losses,
                      diagnostics=diagnostics, optimizer=optimizer, init_point=theta0,
-                     state=state, loop_key=k_loop, estimator=estimator)
+                     state=state, loop_key=k_loop, estimator=estimator, mparams=mparams,
+                     feed=feed)
+
+
+def _describe_minibatch(mb) -> str:
+    if mb is None:
+        return ""
+    how = "streamed from host memory" if mb.streamed else "device-resident"
+    order = "reshuffled every epoch" if mb.shuffle == "epoch" else "drawn with replacement"
+    return f"minibatches of {mb.batch_size} ({how}, {order}, scaled by N/B)"

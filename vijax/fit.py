@@ -32,7 +32,9 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         init_from: FitResult | None = None, estimator: Any = None,
         convergence: Any = "auto", max_consecutive_nonfinite: int = 100,
         progress: bool | None = None, resume: FitResult | None = None,
-        psis_draws: int | None = None, precondition: Any = "auto") -> FitResult:
+        psis_draws: int | None = None, precondition: Any = "auto",
+        batch_size: int | None = None, shuffle: str = "epoch", stream: bool = False,
+        kl_weight: Any = None) -> FitResult:
     """Fit a variational approximation q to the posterior of ``model`` given ``data``.
 
     Maximises the ELBO ``E_q[log p(x, z)] - E_q[log q(z)]`` (or the estimator's bound) over
@@ -109,6 +111,32 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
             the model's own coordinates. Not applied to structured dicts, discrete latents,
             more than ``max_dim`` dimensions, ``init_from`` or ``resume``.
 
+        batch_size: minibatch SVI for a factorised model (``log_prior`` plus a per-observation
+            ``log_likelihood``; the leading axis of every data leaf is the observation
+            axis): each step sees ``batch_size`` of the N observations, drawn inside the
+            compiled loop, and their log likelihood is scaled by exactly ``N / batch_size``
+            (an unbiased estimate of the full ELBO). The stopping rule accounts for the
+            extra gradient noise (:class:`vijax.Convergence` ``noise_ratio``); the PSIS
+            check evaluates the full data in row blocks. ``None``: every step sees all the
+            data.
+        shuffle: ``"epoch"`` (default: every observation once per epoch, in an order
+            reshuffled each epoch) or ``"randint"`` (uniform draws with replacement).
+        stream: the data stays in host memory (numpy arrays, or ``np.load(path,
+            mmap_mode="r")`` for data larger than memory): each chunk's batches are
+            gathered on the host and shipped to the device while the previous chunk runs;
+            the same rows as a device-resident fit, bitwise. Needs ``batch_size``.
+        kl_weight: the weight on the prior-minus-entropy term of the ELBO (factorised
+            models; single-sample ELBO estimators): a number, any ``step -> weight``
+            schedule (``optax.linear_schedule(0.0, 1.0, 1000)`` for a warm-up), or
+            ``"blundell"`` (Blundell et al. 2015's per-minibatch weights ``2^-i / (1 -
+            2^-M)``, scaled so that an epoch averages to the ELBO). Recorded in
+            ``res.diagnostics.data``.
+
+    Models with learnable parameters (:class:`vijax.Param`) fit them jointly with the guide
+    (``res.model_params``). Fits with parameters, minibatches, a stream or a KL weight are
+    single-family fits: ``guide="auto"`` means ``"fullrank"`` up to 100 latent dimensions
+    and ``"meanfield"`` beyond, with no preconditioning.
+
     Returns:
         A :class:`vijax.FitResult`; ``res.losses`` has shape ``(n_steps,)`` (all steps run,
         including those of a resumed result): the value being minimised (negative ELBO, or
@@ -127,15 +155,26 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         >>> res.losses.shape
         (300,)
     """
+    psis_default = psis_draws is None
     steps, chunk_size, max_consecutive, psis_draws, rule = check_fit_options(
         model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress,
         convergence)
     target = model.target
+    if not isinstance(stream, bool):
+        raise TypeError(f"stream must be True or False, got {stream!r}")
+    fed = batch_size is not None or stream or kl_weight is not None or (
+        resume is not None and resume.feed is not None)
+    if fed and psis_default:
+        psis_draws = None  # sized from N by the driver
+    single = fed or bool(target.params)  # one family, in the model's own coordinates
+    feed_kw = dict(batch_size=batch_size, shuffle=shuffle, stream=stream, kl_weight=kl_weight)
     if resume is not None:
         given = [name for name, v in (("guide", guide), ("estimator", estimator),
                                       ("optimizer", optimizer), ("num_particles", num_particles),
                                       ("init", init), ("init_from", init_from))
                  if v is not None]
+        given += [name for name, v in (("batch_size", batch_size), ("kl_weight", kl_weight))
+                  if v is not None]
         if given:
             raise ValueError(f"resume continues the result's own fit: leave {given} unset")
         if not isinstance(resume, FitResult):
@@ -152,6 +191,9 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
     else:
         spec = resolve_spec("auto" if guide is None else guide)
         precondition = resolve_precondition(precondition)
+        if single:
+            spec = _single_spec(spec, target, fed)
+            precondition = None
         kw = dict(steps=steps, optimizer=optimizer, key=key, num_particles=num_particles,
                   init=init, average=average, chunk_size=chunk_size, dtype=dtype,
                   init_from=init_from, estimator=estimator, convergence=convergence,
@@ -167,4 +209,17 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
                       num_particles=num_particles, init=init, average=average,
                       chunk_size=chunk_size, dtype=dtype, init_from=init_from,
                       estimator=estimator, rule=rule, max_consecutive=max_consecutive,
-                      progress=progress, psis_draws=psis_draws, resume=resume)
+                      progress=progress, psis_draws=psis_draws, resume=resume, **feed_kw)
+
+
+def _single_spec(spec, target, fed: bool):
+    """The family of a fit with model parameters or a data feed: the ladder resolves to
+    full-rank (<= 100 dimensions) or mean-field; Laplace is refused."""
+    why = "minibatches, a stream or a KL weight" if fed else "model parameters (vj.Param)"
+    if isinstance(spec, Ladder):
+        return resolve_spec("fullrank" if target.dim <= 100 else "meanfield")
+    if isinstance(spec, Laplace):
+        raise ValueError(f"guide='laplace' is not available for a fit with {why}: the "
+                         "Laplace approximation needs the full-data mode of fixed model; use "
+                         "guide='fullrank'")
+    return spec

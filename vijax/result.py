@@ -32,6 +32,7 @@ class Diagnostics(NamedTuple):
     ``rung`` the one chosen; ``criterion`` states which stopping criterion fired (or
     failed) with its measured figures; ``preconditioning`` how the fit's coordinates were
     whitened (or why not);
+    ``data`` how each step saw the data (minibatches, KL weight; ``""``: all of it);
     ``objective`` names the loss (``"neg_elbo"``, ``"neg_iwae_bound"``, ...) and
     ``estimator`` the gradient estimator chosen (e.g. ``"reparam (continuous) + score
     function with rloo baseline (discrete: z)"``)."""
@@ -54,6 +55,7 @@ class Diagnostics(NamedTuple):
     rung: str = ""
     criterion: str = ""
     preconditioning: str = ""
+    data: str = ""
 
 
 @functools.lru_cache(maxsize=128)
@@ -69,17 +71,18 @@ def _sampler(target, guide: Guide):
 
 @functools.lru_cache(maxsize=64)
 def _weighted_sampler(target, guide: Guide, n: int, constrained: bool = True):
-    """Jitted ``(key, params, data) -> (draws, log weights (n,))`` with
+    """Jitted ``(key, params, data, mparams=None) -> (draws, log weights (n,))`` with
     ``log w = log p~(theta) - log q(theta)`` for PSIS; the draws are constrained (a dict of
-    ``(n, ...)``) or, with ``constrained=False``, the continuous unconstrained ``(n, dim)``."""
+    ``(n, ...)``) or, with ``constrained=False``, the continuous unconstrained ``(n, dim)``;
+    ``mparams``: the model's unconstrained parameters (``None``: their init)."""
 
-    def one(key, params, data):
+    def one(key, params, data, mparams):
         theta, log_q = guide.sample(key, params)
         draw = target.constrain(theta) if constrained else theta[:target.dim]
-        return draw, target.log_density(theta, data) - log_q
+        return draw, target.log_density(theta, data, frozenset(), mparams) - log_q
 
-    return jax.jit(lambda key, params, data: jax.vmap(one, in_axes=(0, None, None))(
-        jax.random.split(key, n), params, data))
+    return jax.jit(lambda key, params, data, mparams=None: jax.vmap(
+        one, in_axes=(0, None, None, None))(jax.random.split(key, n), params, data, mparams))
 
 
 _QUANTILES = (0.05, 0.5, 0.95)
@@ -153,6 +156,9 @@ class FitResult:
             estimator state, step count): what ``resume`` continues from.
         loop_key: the PRNG key the per-step keys are folded from (``fold_in(loop_key, step)``).
         estimator: the estimator configuration object used (:mod:`vijax.estimators`).
+        mparams: the model's parameters (:class:`vijax.Param`), unconstrained, as fitted
+            (the same average as ``params``); ``None`` for a model without parameters.
+        feed: the data feed (:class:`vijax.data.Feed`: minibatches, KL weight) or ``None``.
     """
 
     model: Any
@@ -168,10 +174,21 @@ class FitResult:
     state: Any = None
     loop_key: Any = None
     estimator: Any = None
+    mparams: Any = None
+    feed: Any = None
 
     @property
     def target(self):
         return self.model.target
+
+    @property
+    def model_params(self) -> dict[str, jax.Array]:
+        """The fitted model parameters (:class:`vijax.Param`), constrained: a dict from
+        name to an array of the declared shape (empty for a model without parameters)."""
+        if not self.target.params:
+            return {}
+        dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
+        return self.target.constrain_params(self.mparams, dtype)
 
     def sample(self, key: jax.Array, n: int) -> dict[str, jax.Array]:
         """Draw ``n`` samples from q, mapped to the constrained space.
@@ -260,7 +277,7 @@ class FitResult:
         data = self.model.data if data is None else data
         data = jax.tree_util.tree_map(jnp.asarray, data)
         draws, lw = _weighted_sampler(self.target, self.guide, n)(
-            jax.random.key(0) if key is None else key, self.params, data)
+            jax.random.key(0) if key is None else key, self.params, data, self.mparams)
         lw = np.asarray(lw, np.float64)
         return draws, psis(np.where(np.isfinite(lw), lw, -np.inf))
 

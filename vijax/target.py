@@ -225,6 +225,15 @@ class Target:
             mparams = self.param_init(dtype)
         return {b.name: b.transform(mparams[b.name]) for b in self.params}
 
+    def split_params(self, params) -> tuple[Any, Any]:
+        """``(guide params, model params)`` of the loop's parameters (``(params, None)``
+        for a model without parameters)."""
+        return params if self.params else (params, None)
+
+    def values(self, theta: jax.Array, mparams: Any = None) -> dict[str, jax.Array]:
+        """Everything the model receives in ``z``: constrained latents and parameters."""
+        return self._values(theta, mparams)[0]
+
     def _values(self, theta, mparams):
         z, log_det = self.constrain_with_log_det(theta)
         if self.params:

@@ -4,6 +4,7 @@ model, and the warning when a fit did not converge or PSIS reads q as unreliable
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -55,9 +56,12 @@ def _nonfinite_error(target, guide, objective, optimizer, state: FitState, data,
         eps = jax.random.normal(key, (num_particles, guide.noise_dim),
                                 jax.tree_util.tree_leaves(params)[0].dtype)
 
+        gparams, mparams = target.split_params(params)
+
         def one(e):
-            theta, _ = guide.transform(params, e)
-            lp, g = jax.value_and_grad(target.log_density)(theta, data, guide.no_jacobian)
+            theta, _ = guide.transform(gparams, e)
+            lp, g = jax.value_and_grad(target.log_density)(theta, data, guide.no_jacobian,
+                                                           mparams)
             return theta, target.constrain(theta), lp, g
 
         return (loss, grads, new, *jax.vmap(one)(eps))
@@ -79,7 +83,8 @@ def _nonfinite_error(target, guide, objective, optimizer, state: FitState, data,
             where = f"; non-finite values or log-density gradients at latent(s) {bad}"
         elif not np.all(np.isfinite(lp)):
             i = int(np.argmin(np.isfinite(lp)))
-            bad = _implicated(target, guide, state.params, theta[i], data, last.init_point)
+            bad = _implicated(target, guide, target.split_params(state.params)[0], theta[i],
+                              data, last.init_point, target.split_params(state.params)[1])
             where = (f"; the log density was {lp[i]} at {target.describe(theta[i])}" + (
                 f", finite again when latent(s) {bad} alone go back to the guide's centre or "
                 "the initial point"
@@ -88,7 +93,7 @@ def _nonfinite_error(target, guide, objective, optimizer, state: FitState, data,
             where = "; the draws and the log density were finite: check the guide's parameters"
     elif not finite(new):
         if guide.mean is not None:
-            loc = np.asarray(guide.mean(new))
+            loc = np.asarray(guide.mean(target.split_params(new)[0]))
             bad = [b.name for b in target.blocks
                    if not np.all(np.isfinite(loc[b.offset:b.offset + b.size]))]
         what = "the optimizer produced non-finite parameters" + (
@@ -104,20 +109,20 @@ def _nonfinite_error(target, guide, objective, optimizer, state: FitState, data,
     return NonFiniteError(msg, step, bad, last)
 
 
-def _implicated(target, guide, params, theta, data, init_point) -> list[str]:
+def _implicated(target, guide, params, theta, data, init_point, mparams=None) -> list[str]:
     """Latents whose block alone, moved back to the guide's centre or else to the initial
     point, makes the log density finite again at ``theta`` (the culprits of a non-finite log
     density)."""
     refs = [np.asarray(init_point)]
     if guide.mean is not None:
         refs.insert(0, np.asarray(guide.mean(params)))
-    log_density = jax.jit(target.log_density)
+    log_density = jax.jit(lambda t, d, mp: target.log_density(t, d, frozenset(), mp))
     out = []
     for b in target.blocks:
         for ref in refs:
             moved = np.array(theta)
             moved[b.offset:b.offset + b.size] = ref[b.offset:b.offset + b.size]
-            if np.isfinite(float(log_density(jnp.asarray(moved), data))):
+            if np.isfinite(float(log_density(jnp.asarray(moved), data, mparams))):
                 out.append(b.name)
                 break
     return out
@@ -131,7 +136,7 @@ def _check_finite_params(target, guide, state, steps: int) -> None:
             continue
         bad = ["(see params)"]
         if guide.mean is not None:
-            loc = np.asarray(guide.mean(params))
+            loc = np.asarray(guide.mean(target.split_params(params)[0]))
             bad = [b.name for b in target.blocks
                    if not np.all(np.isfinite(loc[b.offset:b.offset + b.size]))] or ["(scales)"]
         raise FloatingPointError(
@@ -142,7 +147,51 @@ def _check_finite_params(target, guide, state, steps: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the PSIS check and the warning
-def _psis_check(target, guide, params, key, n: int, data):
+PSIS_BLOCK_ROWS = 4096  # rows per block of a minibatched fit's full-data PSIS density
+
+
+@functools.lru_cache(maxsize=32)
+def _blocked_sampler(target, guide, n: int):
+    """Jitted pieces of a full-data PSIS check done in row blocks: ``draw(key, params,
+    mparams) -> (theta (n, full_dim), global (n,) = log prior + log|J| - log q)`` and
+    ``local(theta, block, mparams) -> (n,)`` summed log likelihood of one block."""
+
+    def one(key, params, mparams):
+        theta, log_q = guide.sample(key, params)
+        z, log_det = target._values(theta, mparams)
+        glob = jnp.asarray(target.log_prior(z)) + sum(log_det.values(), jnp.zeros((),
+                                                                                  theta.dtype))
+        return theta, glob - log_q
+
+    def block(theta, rows, mparams):
+        def lik(t):
+            return jnp.sum(target.log_likelihood(target._values(t, mparams)[0], rows))
+        return jax.vmap(lik)(theta)
+
+    draw = jax.jit(lambda key, params, mparams: jax.vmap(one, in_axes=(0, None, None))(
+        jax.random.split(key, n), params, mparams))
+    return draw, jax.jit(block)
+
+
+def _blocked_log_weights(target, guide, params, key, n, data, mparams):
+    """``(theta (n, dim), log w (n,))`` on the full data, summed over row blocks (device
+    arrays sliced, or a host stream's rows gathered and shipped block by block)."""
+    draw, block = _blocked_sampler(target, guide, n)
+    theta, lw = draw(key, params, mparams)
+    host = data if hasattr(data, "gather") else None
+    total = host.n if host is not None else int(np.shape(jax.tree_util.tree_leaves(data)[0])[0])
+    for lo in range(0, total, PSIS_BLOCK_ROWS):
+        hi = min(total, lo + PSIS_BLOCK_ROWS)
+        if host is not None:
+            rows = host.gather(np.arange(lo, hi))
+        else:
+            rows = jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], data)
+        lw = lw + block(theta, rows, mparams)
+    return theta[:, :target.dim], lw
+
+
+def _psis_check(target, guide, params, key, n: int, data, mparams=None,
+                blocked: bool = False):
     """``(k_hat, ess, reading, n)`` of PSIS on ``n`` draws of q, or ``None`` when off.
 
     Where k-hat reads "good" or "usable", the PSIS-corrected means and sds of every
@@ -156,8 +205,12 @@ def _psis_check(target, guide, params, key, n: int, data):
         return None
     if guide.point_mass:
         return float("nan"), float("nan"), "not applicable (point mass)", 0
-    theta, lw = _weighted_sampler(target, guide, n, False)(jax.random.fold_in(key, 0x5151),
-                                                            params, data)
+    if blocked:  # a minibatched fit: the full data's density, row block by row block
+        theta, lw = _blocked_log_weights(target, guide, params, jax.random.fold_in(key, 0x5151),
+                                         n, data, mparams)
+    else:
+        theta, lw = _weighted_sampler(target, guide, n, False)(
+            jax.random.fold_in(key, 0x5151), params, data, mparams)
     lw = np.asarray(lw, np.float64)
     if not np.any(np.isfinite(lw)):
         return float("inf"), 1.0, "unreliable (no draw has a finite log density)", n
