@@ -246,3 +246,23 @@ def test_bad_minibatch_input_is_named():
                    latents={"w": vj.Latent((D,))})
     with pytest.raises(ValueError, match="one value per observation: for data with 97 rows"):
         vj.fit(bad, DATA, batch_size=10, progress=False)
+
+
+def test_param_and_minibatch_fit_saves_loads_and_resumes_bitwise(tmp_path):
+    model = vj.Model(
+        log_prior=lambda z: dist.Normal(0, z["s"]).log_prob(z["w"]).sum(),
+        log_likelihood=lambda z, d: dist.Bernoulli(logits=d["X"] @ z["w"]).log_prob(d["y"]),
+        latents={"w": vj.Latent((D,))},
+        params={"s": vj.Param(init=1.0, support=constraints.positive)})
+    kw = dict(guide="meanfield", convergence=None, psis_draws=0, progress=False,
+              chunk_size=50)
+    straight = vj.fit(model, DATA, batch_size=10, steps=200, key=jax.random.key(4), **kw)
+    first = vj.fit(model, DATA, batch_size=10, steps=120, key=jax.random.key(4), **kw)
+    first.save(tmp_path / "fit.vj")
+    loaded = vj.load(tmp_path / "fit.vj", model)
+    assert loaded.feed == first.feed and _same(loaded.mparams, first.mparams)
+    np.testing.assert_array_equal(loaded.model_params["s"], first.model_params["s"])
+    resumed = vj.fit(model, DATA, resume=loaded, steps=80, **{
+        k: v for k, v in kw.items() if k != "guide"})
+    assert _same(resumed.state.params, straight.state.params)
+    assert float(straight.model_params["s"]) != 1.0  # the parameter moved

@@ -40,6 +40,10 @@ def _data_feed(model, data, dtype, batch_size, shuffle, stream, kl_weight, resum
         mb, kl = resume.feed.minibatch, resume.feed.kl
         if mb is not None:
             batch_size, shuffle = mb.batch_size, mb.shuffle
+        if kl is not None and kl.kind == "schedule" and kl.value is None:
+            raise ValueError("this result was loaded from a checkpoint, which cannot store its "
+                             "KL weight schedule (a function): refit with kl_weight= instead "
+                             "of resuming")
         kl_weight = None if kl is None else (kl.value if kl.kind != "blundell"
                                              else "blundell")
     uses = batch_size is not None or kl_weight is not None or stream

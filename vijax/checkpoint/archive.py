@@ -21,7 +21,8 @@ from vijax.version import __version__
 __all__ = ["FORMAT", "FORMAT_VERSION", "write_archive", "open_archive"]
 
 FORMAT = "vijax-checkpoint"
-FORMAT_VERSION = 3  # 3: the stopping rule's gradient statistics in the loop state
+FORMAT_VERSION = 4  # 3: the stopping rule's gradient statistics in the loop state; 4: model
+# parameters (vj.Param) and the data feed (minibatches, KL weight); format 3 files still load
 # 2: full-rank off-diagonals relative to their row's scale
 _MANIFEST = "manifest.json"
 _MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists leaves and members: far below this
@@ -184,7 +185,7 @@ def _check_versions(path: str, manifest: dict) -> None:
                             f"stopping rule's gradient statistics of format {FORMAT_VERSION} "
                             "(it cannot be resumed under the current rule); refit and save "
                             "again")
-    if fmt < FORMAT_VERSION:
+    if fmt < 3:
         raise _refuse(path, f"it is in checkpoint format {fmt}, whose full-rank Gaussian "
                             f"parameters mean something else in format {FORMAT_VERSION} (the "
                             "Cholesky off-diagonals are now relative to their row's scale); "

@@ -16,6 +16,7 @@ from vijax.checkpoint.archive import _refuse, open_archive
 from vijax.checkpoint.config import decode
 from vijax.checkpoint.write import _GROUPS, _latent_records
 from vijax.convergence import Convergence
+from vijax.data import Feed, KLWeight, Minibatch
 from vijax.guides.resolve import build_guide
 from vijax.loop import init_state
 from vijax.model import Model
@@ -282,16 +283,22 @@ def _rebuild(path: str, manifest: dict, arrays: dict[str, np.ndarray], model,
             from None
     theta = jax.ShapeDtypeStruct((target.full_dim,), dtype)
 
+    feed = _feed(path, manifest)
+
     def reference(key, theta):  # the structures a fresh fit would have (traced, not run)
-        params = guide.init(key, theta)
+        gparams = guide.init(key, theta)
+        mparams = target.param_init(dtype) if target.params else None
+        params = (gparams, mparams) if target.params else gparams
         objective = make_objective(target, guide, "auto" if estimator is None else estimator,
                                    diagnostics.num_particles or 1)
         est_state = objective.init_state(dtype)
-        return params, optimizer.init(params), [init_state(params, optimizer, est_state, rule)
-                                                for rule in _STATE_RULES]
+        return gparams, optimizer.init(params), [
+            init_state(params, optimizer, est_state, rule, feed) for rule in _STATE_RULES], \
+            mparams
 
     try:
-        ref_params, ref_opt, ref_states = jax.eval_shape(reference, jax.random.key(0), theta)
+        ref_params, ref_opt, ref_states, ref_mparams = jax.eval_shape(
+            reference, jax.random.key(0), theta)
     except Exception as e:
         if given:
             raise _refuse(path, f"the optimizer given cannot initialise a state for the "
@@ -321,7 +328,12 @@ def _rebuild(path: str, manifest: dict, arrays: dict[str, np.ndarray], model,
             "losses": (jax.ShapeDtypeStruct(tuple(losses[0]["shape"]), dtype),
                        "invalid losses"),
             "loop_key": (None if key is None else jax.ShapeDtypeStruct(
-                tuple(key[0]["shape"]), _key_dtype(path, key[0])), "invalid loop_key")}
+                tuple(key[0]["shape"]), _key_dtype(path, key[0])), "invalid loop_key"),
+            "mparams": (ref_mparams, "the saved model parameters do not match the model's "
+                                     f"{list(target.param_names)}")}
+    if target.params and _leaves(path, manifest, "mparams") is None:
+        raise _refuse(path, f"the model has parameters {list(target.param_names)} but the "
+                            "checkpoint holds none (it was saved from a model without them)")
     cache: dict = {}  # one object per member: leaves shared when saved stay shared
     out = {}
     for group, (ref, mismatch) in refs.items():
@@ -330,7 +342,27 @@ def _rebuild(path: str, manifest: dict, arrays: dict[str, np.ndarray], model,
                                                           cache, mismatch)
     _check_state_counts(path, out["state"], diagnostics)
     return FitResult(model=model, guide=guide, guide_spec=spec, diagnostics=diagnostics,
-                     optimizer=optimizer, estimator=estimator, **out)
+                     optimizer=optimizer, estimator=estimator, feed=feed, **out)
+
+
+def _feed(path: str, manifest: dict) -> Feed | None:
+    """The data feed of the manifest (``None`` when the fit had none, or for format 3)."""
+    record = manifest.get("feed")
+    if record is None:
+        return None
+    try:
+        mb, kl = record["minibatch"], record["kl"]
+        minibatch = None if mb is None else Minibatch(int(mb["batch_size"]),
+                                                      str(mb["shuffle"]), bool(mb["streamed"]))
+        weight = None if kl is None else KLWeight(str(kl["kind"]), kl["value"])
+    except (KeyError, TypeError, ValueError):
+        raise _refuse(path, f"its manifest has an invalid feed record {record!r}") from None
+    if minibatch is not None and (minibatch.batch_size < 1 or
+                                  minibatch.shuffle not in ("epoch", "randint")):
+        raise _refuse(path, f"its manifest has an invalid minibatch record {mb!r}")
+    if weight is not None and weight.kind not in ("constant", "schedule", "blundell"):
+        raise _refuse(path, f"its manifest has an invalid KL weight record {kl!r}")
+    return Feed(minibatch, weight)
 
 
 def _key_dtype(path: str, leaf: dict):

@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # annotations only: vijax.result imports this module
 
 __all__ = ["save"]
 
-_GROUPS = ("params", "last_params", "opt_state", "state", "init_point", "losses", "loop_key")
+_GROUPS = ("params", "last_params", "opt_state", "state", "init_point", "losses", "loop_key",
+           "mparams")
 _FIELDS = ("model", "guide_spec", "estimator", "optimizer", "diagnostics", *_GROUPS)
 """What ``save`` reads from a result: the array groups and the configuration."""
 
@@ -88,6 +89,19 @@ def _latent_records(model) -> list[dict]:
             for name, lat in model.latents.items()]
 
 
+def _feed_record(feed) -> dict | None:
+    """The data feed as JSON: minibatch settings and the KL weight (a schedule, a function,
+    is recorded by kind only: a resumed fit of a loaded result must be refitted)."""
+    if feed is None:
+        return None
+    mb, kl = feed.minibatch, feed.kl
+    return {"minibatch": None if mb is None else {"batch_size": mb.batch_size,
+                                                  "shuffle": mb.shuffle,
+                                                  "streamed": mb.streamed},
+            "kl": None if kl is None else {
+                "kind": kl.kind, "value": kl.value if kl.kind == "constant" else None}}
+
+
 def _pack(res: FitResult) -> tuple[dict, list[tuple[str, np.ndarray]]]:
     if not all(hasattr(res, f) for f in _FIELDS):
         raise TypeError(f"save expects a vj.FitResult, got {type(res)}")
@@ -105,6 +119,7 @@ def _pack(res: FitResult) -> tuple[dict, list[tuple[str, np.ndarray]]]:
         "optimizer": _optimizer_record(res),
         "diagnostics": {k: encode(v, f"diagnostics.{k}")
                         for k, v in res.diagnostics._asdict().items()},
+        "feed": _feed_record(getattr(res, "feed", None)),
         "members": [{"name": n, "dtype": a.dtype.str, "shape": list(a.shape)}
                     for n, a in packer.arrays],
         "trees": trees,
