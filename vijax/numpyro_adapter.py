@@ -2,7 +2,8 @@
 
 Sites, their shapes and supports are found by tracing the model (:mod:`vijax.numpyro_sites`):
 every sample site that is not observed becomes a :class:`~vijax.model.Latent`, in site order;
-discrete latents need a finite elementwise support.
+discrete latents need a finite elementwise support. Every ``numpyro.param`` site becomes a
+learnable :class:`~vijax.model.Param` (its initial value's shape and value, its constraint).
 
 The log joint is NumPyro's own,
 
@@ -10,7 +11,8 @@ The log joint is NumPyro's own,
 
 over latent, observed and ``numpyro.factor`` sites, evaluated by
 ``numpyro.infer.util.log_density`` at *constrained* latent values (no Jacobian: vijax adds it
-in :mod:`vijax.target`), discrete ones as the int32 arrays vijax passes.
+in :mod:`vijax.target`), discrete ones as the int32 arrays vijax passes, with the parameters'
+constrained values substituted in the same dict.
 
 Data (:mod:`vijax.numpyro_data`): ``(args, kwargs)`` is flattened with ``jax.tree_util``.
 Numeric arrays (NumPy or JAX, any rank, 0-d included), NumPy floating scalars and Python
@@ -37,10 +39,11 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from numpyro.infer.util import log_density
 
-from vijax.model import Latent, Model
+from vijax.model import Latent, Model, Param
 from vijax.numpyro_data import (
     TRACED,
     TRACER_ERRORS,
@@ -104,12 +107,14 @@ def _latent_read_as_value(name: str, error: Exception) -> ValueError:
         f"compute sizes, indices and masks from the data with np.*). JAX said: {error}")
 
 
-def _signature(latents: dict[str, Latent]) -> tuple:
+def _signature(declared: dict[str, Latent | Param]) -> tuple:
+    """Names, shapes, supports (by value) and, for parameters, initial values (by value)."""
     sig = []
-    for site_name, lat in latents.items():
-        leaves, treedef = _support_leaves(lat.support)
+    for site_name, decl in declared.items():
+        leaves, treedef = _support_leaves(decl.support)
         params = tuple((x.shape, x.dtype.str, x.tobytes()) for x in leaves)
-        sig.append((site_name, lat.shape, treedef, params))
+        init = leaf_key(decl.init) if isinstance(decl, Param) else None
+        sig.append((site_name, decl.shape, treedef, params, init))
     return tuple(sig)
 
 
@@ -121,12 +126,12 @@ def _hashable(key: Hashable) -> Hashable | None:
     return key
 
 
-def _cache_key(model_fn: Callable, treedef: Any, static: tuple,
-               latents: dict[str, Latent]) -> Hashable | None:
+def _cache_key(model_fn: Callable, treedef: Any, static: tuple, latents: dict[str, Latent],
+               params: dict[str, Param]) -> Hashable | None:
     """Hashable key of a model template, or ``None`` where something in it is unhashable
     (memoisation skipped). Static and concrete leaves enter by value (:func:`leaf_key`)."""
     return _hashable(("model", model_fn, treedef, tuple(leaf_key(x) for x in static),
-                      _signature(latents)))
+                      _signature(latents), _signature(params)))
 
 
 def _concrete_key(model_fn: Callable, treedef: Any, leaves: list) -> Hashable | None:
@@ -184,6 +189,14 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     ``infer={"enumerate": "parallel"}`` is treated as an ordinary discrete latent (vijax does
     not enumerate it; to sum it out, marginalise it in the model).
 
+    Each ``numpyro.param(name, init_value, constraint=...)`` site becomes a model parameter
+    ``Param(shape=init_value.shape, init=init_value, support=constraint)`` (default
+    ``constraints.real``), optimised jointly with the guide by ``vj.fit``
+    (``res.model_params``). Its initial value is read from one eager run of the model (a
+    callable ``init_value`` is called with the key of ``numpyro.handlers.seed(rng_seed=0)``)
+    and enters the memoisation key by value: an initial value computed from the data (e.g.
+    ``jnp.mean(y)``) gives a new target for new data.
+
     The model runs as written for NumPyro: it may compute sizes, indices and masks from its
     data with NumPy (``int(np.max(group)) + 1``, ``len(np.unique(group))``,
     ``np.isnan(y)``, ``np.nonzero(x > 0)``) or branch on a float argument. The numeric array
@@ -207,7 +220,8 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
 
     Returns:
         A :class:`~vijax.model.Model` with ``latents`` ``{site: Latent(shape, support)}``,
-        ``log_joint(z, data) -> scalar`` and ``data`` the tuple of traced leaves.
+        ``params`` ``{site: Param(shape, init, support)}``, ``log_joint(z, data) -> scalar``
+        and ``data`` the tuple of traced leaves.
 
     Warns:
         vijax.ModelWarning: a latent site has masked-out elements (``obs_mask``,
@@ -219,9 +233,10 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
         TypeError: ``model_fn`` is not callable.
         ValueError: the model has no latent site, a discrete latent site's support is
             infinite (``Poisson``) or not elementwise (``Multinomial``) or its bounds differ
-            between elements, a site is a ``numpyro.param``, a plate subsamples, a latent's
-            support depends on other latents (the site or plate is named), or the model reads
-            a latent as a Python or NumPy value (e.g. ``if mu > 0``, ``np.exp(mu)``).
+            between elements, a site name is not a Python identifier, a plate subsamples, a
+            ``numpyro.param`` has a discrete constraint or an initial value outside it, a
+            latent's support depends on other latents (the site or plate is named), or the
+            model reads a latent as a Python or NumPy value (``if mu > 0``, ``np.exp(mu)``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -268,15 +283,17 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     hint = _cache_get(concrete_key) if concrete_key is not None else None
     candidates = tuple(i for i, x in enumerate(leaves) if is_candidate(x))
     try:
-        concrete, (static, data, (found, masked)) = find_concrete(attempt, candidates, hint)
+        concrete, (static, data, (found, masked, param_sites)) = find_concrete(
+            attempt, candidates, hint)
     except TRACER_ERRORS as e:
         raise _latent_read_as_value(name, e) from None
     if concrete_key is not None:
         _cache_put(concrete_key, concrete)
-    values, supports = _discover(model_fn, name, treedef, static, data, found)
+    values, supports, params = _discover(model_fn, name, treedef, static, data, found,
+                                         param_sites)
     latents = {k: Latent(shape=v.shape, support=supports[k]) for k, v in values.items()}
 
-    key = _cache_key(model_fn, treedef, static, latents)
+    key = _cache_key(model_fn, treedef, static, latents, params)
     template = _cache_get(key) if key is not None else None
     if template is not None:
         return template.with_data(data)
@@ -284,8 +301,10 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     names = leaf_names(model_fn, args, kwargs)
     log_joint = _make_log_joint(model_fn, name, treedef, static,
                                 [names[i] for i in sorted(concrete)])
+    z = {**values, **{k: jax.ShapeDtypeStruct(p.shape, jnp.result_type(float))
+                      for k, p in params.items()}}
     try:  # one abstract evaluation: fail here, not in the fit
-        jax.eval_shape(log_joint, values, data)
+        jax.eval_shape(log_joint, z, data)
     except TRACER_ERRORS as e:
         raise _latent_read_as_value(name, e) from None
     if masked:
@@ -293,7 +312,7 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     nones = _none_arguments(model_fn, args, kwargs)
     if nones:
         _warn_unobserved(model_fn, name, treedef, static, data, values, nones)
-    template = Model(log_joint=log_joint, latents=latents)  # the cache keeps no data
+    template = Model(log_joint=log_joint, latents=latents, params=params)  # no traced data
     if key is not None:
         _cache_put(key, template)
     return template.with_data(data)

@@ -1,5 +1,6 @@
 """A NumPyro model's sites, found by tracing it: latents with their shapes and supports,
-and warnings about sites that are probably not what was meant.
+parameters (``numpyro.param``) with their initial values and constraints, and warnings about
+sites that are probably not what was meant.
 
 Sites are discovered by running the model under ``numpyro.handlers.seed`` + ``trace`` inside
 ``jax.eval_shape``, with the traced data abstract as in the compiled fit (the data leaves the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import keyword
 import math
 import warnings
 from collections.abc import Callable
@@ -39,7 +41,7 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-from vijax.model import ModelWarning, output_dependence, user_stacklevel
+from vijax.model import ModelWarning, Param, output_dependence, user_stacklevel
 from vijax.numpyro_data import rebuild
 
 
@@ -102,16 +104,26 @@ def _trace(model_fn: Callable, args: tuple, kwargs: dict, shift: float) -> dict:
     return tr
 
 
+def _check_site_name(site_name: str, what: str, name: str) -> None:
+    if not site_name.isidentifier() or keyword.iskeyword(site_name):
+        raise ValueError(
+            f"numpyro model {name!r}: {what} site name {site_name!r} is not a Python "
+            f"identifier, which vijax {what} names must be; rename the site")
+
+
+def _param_sites(tr: dict, name: str) -> dict[str, dict]:
+    """``numpyro.param`` sites in site order."""
+    params = {k: site for k, site in tr.items() if site["type"] == "param"}
+    for site_name in params:
+        _check_site_name(site_name, "parameter", name)
+    return params
+
+
 def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
     """Latent sample sites in site order; raises on what vijax cannot handle yet."""
     latents = {}
     for site_name, site in tr.items():
         kind = site["type"]
-        if kind == "param":
-            raise ValueError(
-                f"numpyro model {name!r}: site {site_name!r} is a numpyro.param; learnable "
-                "parameters are not supported yet: give it a prior with numpyro.sample (a "
-                "point estimate of it is the delta guide) or pass it as data")
         if kind == "plate":
             size, subsample_size = site["args"]
             if subsample_size is not None and subsample_size < size:
@@ -129,10 +141,7 @@ def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
                 "(constraints.boolean, constraints.integer_interval(a, b)) are supported: "
                 "marginalise it out (e.g. with a mixture distribution), bound it (e.g. a "
                 "Binomial or DiscreteUniform prior) or observe it")
-        if not site_name.isidentifier():
-            raise ValueError(
-                f"numpyro model {name!r}: latent site name {site_name!r} is not a Python "
-                "identifier, which vijax latent names must be; rename the site")
+        _check_site_name(site_name, "latent", name)
         latents[site_name] = site
     if not latents:
         raise ValueError(
@@ -142,18 +151,21 @@ def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
 
 
 def _abstract_sites(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple
-                    ) -> tuple[dict[str, tuple], list[str]]:
+                    ) -> tuple[dict[str, tuple], list[str], list[str]]:
     """One abstract trace (nothing is compiled), with the traced data abstract as in the
     compiled fit: per latent site its ``ShapeDtypeStruct`` and its support (``None`` where
-    the support's parameters are traced), and the masked latent sites (``obs_mask``,
-    ``handlers.mask``, ``.mask()``). Raises JAX's tracer errors where the model reads an
-    abstract value as a Python or NumPy value."""
+    the support's parameters are traced), the masked latent sites (``obs_mask``,
+    ``handlers.mask``, ``.mask()``) and the ``numpyro.param`` sites. Raises JAX's tracer
+    errors where the model reads an abstract value as a Python or NumPy value."""
     found: dict[str, tuple] = {}
     masked: list[str] = []
+    params: list[str] = []
 
     def run(data: tuple) -> None:
         args, kwargs = rebuild(treedef, static, data)
-        for site_name, site in _latent_sites(_trace(model_fn, args, kwargs, 0.0), name).items():
+        tr = _trace(model_fn, args, kwargs, 0.0)
+        params.extend(_param_sites(tr, name))
+        for site_name, site in _latent_sites(tr, name).items():
             value, support = site["value"], site["fn"].support
             traced = any(isinstance(x, jax.core.Tracer)
                          for x in jax.tree_util.tree_leaves(support))
@@ -163,29 +175,49 @@ def _abstract_sites(model_fn: Callable, name: str, treedef: Any, static: tuple, 
                 masked.append(site_name)
 
     jax.eval_shape(run, data)
-    return found, masked
+    return found, masked, params
 
 
 def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple,
-              found: dict[str, tuple]
-              ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any]]:
-    """Latent shapes/dtypes and concrete supports from the sites of :func:`_abstract_sites`.
+              found: dict[str, tuple], params: list[str]
+              ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any], dict[str, Param]]:
+    """Latent shapes/dtypes and concrete supports from the sites of :func:`_abstract_sites`,
+    and a :class:`~vijax.model.Param` per ``numpyro.param`` site.
 
     A support whose parameters are traced depends on data or on other latents: those models
     are traced eagerly twice (at two latent points) to get concrete supports and to reject
-    supports that depend on latents.
+    supports that depend on latents. A model with ``numpyro.param`` sites is traced eagerly
+    once, for their concrete initial values (computed with ``jnp`` they are traced in the
+    abstract trace) and constraints.
     """
     values = {k: v for k, (v, _) in found.items()}
     supports = {k: sup for k, (_, sup) in found.items()}
-    if any(sup is None for sup in supports.values()):
+    traced = any(sup is None for sup in supports.values())
+    declared: dict[str, Param] = {}
+    if traced or params:
         args, kwargs = rebuild(treedef, static, data)
-        first = _latent_sites(_trace(model_fn, args, kwargs, 0.0), name)
+        tr = _trace(model_fn, args, kwargs, 0.0)
+        first = _latent_sites(tr, name)
+        declared = {k: _declare_param(site, k, name) for k, site in _param_sites(tr, name).items()}
+    if traced:
         second = _latent_sites(_trace(model_fn, args, kwargs, 0.7), name)
         _check_fixed_supports(first, second, name)
         supports = {k: site["fn"].support for k, site in first.items()}
     supports = {k: _finite_support(sup, k, name) if sup.is_discrete else sup
                 for k, sup in supports.items()}
-    return values, supports
+    return values, supports, declared
+
+
+def _declare_param(site: dict, site_name: str, name: str) -> Param:
+    """``numpyro.param(site_name, init_value, constraint=...)`` as a vijax Param: the shape
+    and the init of its (constrained) initial value, the support its constraint (default
+    ``constraints.real``)."""
+    init = np.asarray(site["value"])
+    if init.dtype.kind not in "biuf":
+        raise ValueError(f"numpyro model {name!r}: parameter site {site_name!r} has initial "
+                         f"value {site['value']!r}, which is not a number or numeric array")
+    support = site["kwargs"].get("constraint", constraints.real)
+    return Param(shape=init.shape, init=init, support=support)
 
 
 def _site_mask(site: dict) -> Any:
