@@ -266,3 +266,17 @@ def test_param_and_minibatch_fit_saves_loads_and_resumes_bitwise(tmp_path):
         k: v for k, v in kw.items() if k != "guide"})
     assert _same(resumed.state.params, straight.state.params)
     assert float(straight.model_params["s"]) != 1.0  # the parameter moved
+
+
+def test_fit_many_fits_model_params_per_lane():
+    base = np.array([2.3, 3.1, 1.6, 2.9, 3.6, 2.2, 2.8, 1.9], np.float32)
+    y = np.stack([base * s for s in (1.0, 2.0, 3.0)])
+    model = vj.Model(lambda z, y: dist.Normal(0.0, z["tau"]).log_prob(z["mu"])
+                     + dist.Normal(z["mu"], 1.0).log_prob(y).sum(),
+                     {"mu": vj.Latent()},
+                     params={"tau": vj.Param(init=1.0, support=constraints.positive)})
+    res = vj.fit_many(model, y, data_axes=0, progress=False, steps=20_000)
+    for i in range(3):
+        exact = np.sqrt(y[i].mean() ** 2 - 1 / y.shape[1])
+        assert res[i].diagnostics.converged
+        assert abs(float(res[i].model_params["tau"]) / exact - 1) < 0.1

@@ -124,8 +124,8 @@ def _batched(pipeline_fn, axes_key, kind: str):
         return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, axes, None, None)))
     if kind == "run":
         return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, axes, 0, None, None, None, None)))
-    # PSIS log weights: (keys, params, data)
-    return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, 0, axes)))
+    # PSIS log weights: (keys, params, data, model params)
+    return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, 0, axes, 0)))
 
 
 class FitManyResult(Sequence):
@@ -137,12 +137,15 @@ class FitManyResult(Sequence):
         diagnostics: list of L :class:`vijax.Diagnostics`.
         errors: list of L messages (``None`` for lanes that did not fail).
         params: the fitted guide parameters, batched ``(L, ...)``.
+        mparams: the model's parameters (:class:`vijax.Param`), unconstrained, batched
+            ``(L, ...)`` (``None`` without parameters); ``res[i].model_params`` constrained.
     """
 
     def __init__(self, model, spec, guide, params, state, losses, diagnostics, errors,
                  optimizer, init_points, loop_keys, estimator, data, axes):
         self.model, self.guide_spec, self.guide = model, spec, guide
-        self.params, self.state, self.losses = params, state, losses
+        self.params, self.mparams = model.target.split_params(params)
+        self.state, self.losses = state, losses
         self.diagnostics, self.errors = diagnostics, errors
         self._optimizer, self._init_points, self._loop_keys = optimizer, init_points, loop_keys
         self._estimator, self._data, self._axes = estimator, data, axes
@@ -163,7 +166,9 @@ class FitManyResult(Sequence):
         return FitResult(
             model=self.model.with_data(_lane_data(self._data, self._axes, i)),
             guide=self.guide, guide_spec=self.guide_spec, params=_slice(self.params, i),
-            last_params=_slice(self.state.params, i), opt_state=_slice(self.state.opt_state, i),
+            last_params=_slice(self.model.target.split_params(self.state.params)[0], i),
+            opt_state=_slice(self.state.opt_state, i),
+            mparams=None if self.mparams is None else _slice(self.mparams, i),
             losses=self.losses[i, :d.n_steps], diagnostics=d, optimizer=self._optimizer,
             init_point=self._init_points[i], state=_slice(self.state, i),
             loop_key=self._loop_keys[i], estimator=self._estimator)
@@ -220,6 +225,8 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
             (``init`` is shared by all lanes), except that ``guide`` defaults to
             ``"meanfield"`` and is fitted in the model's own coordinates (as ``vj.fit``
             with ``precondition=None``): the staged defaults are not batched yet.
+            A model's parameters (:class:`vijax.Param`) are fitted per lane
+            (``res[i].model_params``); minibatches are not batched across lanes yet.
 
     Returns:
         A :class:`FitManyResult`: ``res[i]`` is lane i's :class:`vijax.FitResult`;
@@ -327,7 +334,8 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
         sampler = _weighted_sampler(target, guide_fns, psis_draws)
         vsample = _batched(sampler, axes_key, "psis")
         psis_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5151))(lane_keys)
-        _, lw = vsample(psis_keys, params, data)
+        gparams, mparams = target.split_params(params)
+        _, lw = vsample(psis_keys, gparams, data, mparams)
         lw = np.asarray(lw, np.float64)
         for i in range(n_lanes):
             row = lw[i]

@@ -261,8 +261,15 @@ def warn_if_untrusted(res: FitResult, stacklevel: int = 3) -> None:
     d = res.diagnostics
     problems = []
     if d.stop_reason == "max_steps" and d.criterion and not d.criterion.startswith("no "):
+        hint = "pass more steps= or resume=res"
+        mb = getattr(res, "feed", None) and res.feed.minibatch
+        if mb:
+            hint = ("minibatch gradients are noisier than full-batch ones (variance about "
+                    "N/B times larger), so certifying the estimate within the rule's "
+                    "tolerance takes about 1 + N/B times the steps of a full-batch fit; "
+                    "pass more steps=, resume=res, or a looser vj.Convergence(tol=...)")
         problems.append(f"the fit ran its {d.n_steps} steps without converging "
-                        f"({d.criterion}); pass more steps= or resume=res")
+                        f"({d.criterion}); {hint}")
     if d.k_hat_reading.startswith("unreliable"):
         richer = ("no rung of the ladder did better" if d.rung else
                   "guide='auto' tries richer families")
