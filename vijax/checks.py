@@ -238,7 +238,10 @@ def _check_log_joint(model: Model, target, data, dtype) -> None:
 
     Remembered per (model, data shapes and dtypes): a repeat fit does not re-trace it."""
     leaves, treedef = jax.tree_util.tree_flatten(data)
-    key = (model, target, treedef, np.dtype(dtype).name,
+    # the model's functions, not the model: a model holds its bound data, which a cache
+    # must not keep alive
+    key = (model.log_joint, model.log_prior, model.log_likelihood, target, treedef,
+           np.dtype(dtype).name,
            tuple((tuple(np.shape(x)), str(x.dtype if hasattr(x, "dtype") else
                                           np.asarray(x).dtype)) for x in leaves))
     if key in _CHECKED:
