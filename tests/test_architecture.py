@@ -32,6 +32,7 @@ LAYERS = (
     ("result", ("vijax.result",)),
     ("checks", ("vijax.checks",)),
     ("start", ("vijax.start", "vijax.feeding")),
+    ("program", ("vijax.program",)),
     ("trust", ("vijax.trust",)),
     ("driver", ("vijax.driver",)),
     ("stages", ("vijax.stages",)),

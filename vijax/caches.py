@@ -6,7 +6,7 @@ import gc
 
 import jax
 
-from vijax import curvature, driver, loop, many, precondition, result, start, trust
+from vijax import curvature, driver, loop, many, precondition, program, result, start, trust
 
 __all__ = ["clear_caches"]
 
@@ -15,7 +15,8 @@ def clear_caches() -> None:
     """Drop every compiled program vijax and JAX hold (the next fit compiles again): for
     long-lived processes that fit many different models (each compiled program keeps its
     machine code mapped in memory)."""
-    for module in (start, driver, trust, loop, many, precondition, result, curvature):
+    for module in (start, program, driver, trust, loop, many, precondition, result,
+                   curvature):
         for value in vars(module).values():
             if hasattr(value, "cache_clear"):
                 value.cache_clear()

@@ -4,7 +4,6 @@ and the result assembled from the loop's final state."""
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
@@ -27,17 +26,15 @@ from vijax.feeding import (
     _feed_args,
     _psis_default,
 )
-from vijax.guides.resolve import build_guide
-from vijax.loop import FitState, init_state, make_chunk_runner, stopped
+from vijax.loop import FitState, init_state, stopped
 from vijax.model import Model
-from vijax.objective import make_objective
 from vijax.optim import default_optimizer
+from vijax.program import Problem, compile_problem, parameter_count
 from vijax.result import Diagnostics, FitResult
 from vijax.start import (
     _check_init_found,
     _check_source,
     _fixed_init,
-    _init_finder,
     _source_loc,
     _warm_params,
 )
@@ -47,46 +44,16 @@ __all__ = ["fit_single", "family_defaults"]
 
 
 # ---------------------------------------------------------------------------------------------
-# compiled pieces, cached on hashable configuration (one program per configuration)
-@functools.lru_cache(maxsize=128)
+# compiled pieces: vijax.program (one program per problem)
 def _pipeline(target, spec, num_particles: int, optimizer, chunk_len: int,
               estimator="auto", rule: Convergence | None = None, feed: Feed | None = None):
-    guide = build_guide(spec, target)
-    if feed is None:
-        objective = make_objective(target, guide, estimator, num_particles)
-    else:
-        objective = make_objective(target, guide, estimator, num_particles, weighted=True,
-                                   kl_weighted=feed.kl is not None)
-    runner = make_chunk_runner(objective, optimizer, chunk_len, rule, feed)
-    find = _init_finder(target, guide.no_jacobian)
-
-    def with_model_params(gparams, dtype):
-        return (gparams, target.param_init(dtype)) if target.params else gparams
-
-    @jax.jit  # everything before the first step is one compiled program
-    def start(key, data, fixed, mask):
-        k_init, k_guide, k_loop = jax.random.split(key, 3)
-        tries, theta, ok = find(k_init, data, fixed, mask)
-        params = with_model_params(guide.init(k_guide, theta), theta.dtype)
-        state = init_state(params, optimizer, objective.init_state(theta.dtype), rule, feed)
-        return tries, theta, ok, state, k_loop
-
-    restart = jax.jit(lambda params: init_state(  # warm starts
-        params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
-        rule, feed))
-    return guide, objective, runner, start, restart
+    """``(guide, objective, run_chunk, start, restart)`` of the problem (the benchmarks' and
+    tests' handle on the compiled loop; :func:`vijax.program.compile_problem`)."""
+    p = compile_problem(Problem(target, spec, estimator, num_particles, optimizer, chunk_len,
+                                rule, feed))
+    return p.guide, p.objective, p.run_chunk, p.start, p.restart
 
 
-@functools.lru_cache(maxsize=128)
-def _n_params(target, spec, dtype_name: str) -> tuple[int, bool]:
-    """Number of parameter elements of ``spec``'s guide (and the model's parameters) for
-    ``target`` and whether the guide is a point mass (they size the stopping rule)."""
-    guide = build_guide(spec, target)
-    shapes = jax.eval_shape(guide.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((target.full_dim,), np.dtype(dtype_name)))
-    n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
-    n += sum(b.size for b in target.params)
-    return n, bool(guide.point_mass and not target.discrete)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +105,11 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
         noise = n_obs / feed.minibatch.batch_size if (
             feed is not None and feed.minibatch is not None
             and feed.minibatch.batch_size < n_obs) else 0.0
-        rule = rule.sized(*_n_params(target, spec, dtype.name), noise_ratio=noise)
-    guide_fns, objective, runner, start, restart = _pipeline(
-        target, spec, num_particles, optimizer, chunk_len, estimator, rule, feed)
+        rule = rule.sized(*parameter_count(target, spec, dtype.name), noise_ratio=noise)
+    program = compile_problem(Problem(target, spec, estimator, num_particles, optimizer,
+                                      chunk_len, rule, feed))
+    guide_fns, objective, runner, start, restart = (
+        program.guide, program.objective, program.run_chunk, program.start, program.restart)
     key = _check_key(key)
     if host is None:
         data = jax.tree_util.tree_map(jnp.asarray, data)

@@ -32,14 +32,15 @@ from vijax.checks import (
     default_psis_draws,
 )
 from vijax.convergence import ConvState, block_params_batched, describe_stop, resolve_convergence
-from vijax.driver import _final_loss, _n_params, _pipeline, _progress_bar
+from vijax.driver import _final_loss, _progress_bar
 from vijax.estimators import resolve_estimator
 from vijax.guides.resolve import resolve_spec
 from vijax.loop import stopped
 from vijax.model import Model
 from vijax.optim import default_optimizer
+from vijax.program import Problem, compile_problem, parameter_count
 from vijax.psis import psis
-from vijax.result import Diagnostics, FitResult, _weighted_sampler
+from vijax.result import Diagnostics, FitResult
 from vijax.start import _fixed_init
 
 __all__ = ["fit_many", "FitManyResult"]
@@ -277,9 +278,11 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, _lane_data(data, data_axes, 0), dtype)
     if rule is not None:
-        rule = rule.sized(*_n_params(target, spec, dtype.name))
-    guide_fns, objective, runner, start, _ = _pipeline(
-        target, spec, num_particles, optimizer, chunk_len, estimator, rule)
+        rule = rule.sized(*parameter_count(target, spec, dtype.name))
+    program = compile_problem(Problem(target, spec, estimator, num_particles, optimizer,
+                                      chunk_len, rule))
+    guide_fns, objective, runner, start = (program.guide, program.objective,
+                                           program.run_chunk, program.start)
     fixed, mask = _fixed_init(target, init, dtype)
     data = jax.tree_util.tree_map(jnp.asarray, data)
     axes_key = _axes_key(data_axes)
@@ -331,7 +334,7 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     ess = np.full(n_lanes, np.nan)
     readings = ["not computed"] * n_lanes
     if psis_draws and not guide_fns.point_mass:
-        sampler = _weighted_sampler(target, guide_fns, psis_draws)
+        sampler = program.weighted_sampler(psis_draws)
         vsample = _batched(sampler, axes_key, "psis")
         psis_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5151))(lane_keys)
         gparams, mparams = target.split_params(params)

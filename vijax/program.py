@@ -1,0 +1,130 @@
+"""The compile step: a :class:`Problem` (a hashable description of one compiled fit) becomes a
+:class:`Program` (the compiled pieces), once per problem.
+
+``Problem`` holds everything the compiled code depends on: the model's target (its latents,
+parameters and density), the guide spec, the estimator, the particles, the optimizer, the
+chunk length, the stopping rule and the data feed (minibatches, KL weight). It holds no data
+and no key: those are arguments of the programs, so a refit on new data of the same shapes,
+or with a new key, reuses them. ``fit``, ``fit_many`` (which vmaps the programs over lanes)
+and the staged fits (through ``fit``'s single-family driver) all compile through
+:func:`compile_problem`; ``vijax.caches.clear_caches`` empties its cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from vijax.convergence import Convergence
+from vijax.data import Feed
+from vijax.guides.base import Guide
+from vijax.guides.resolve import build_guide
+from vijax.loop import init_state, make_chunk_runner
+from vijax.objective import Objective, make_objective
+from vijax.result import _weighted_sampler
+from vijax.start import _init_finder
+
+__all__ = ["Problem", "Program", "compile_problem", "parameter_count"]
+
+
+class Problem(NamedTuple):
+    """What one compiled fit is (hashable: the compile key).
+
+    Attributes:
+        target: the model's :class:`vijax.target.Target` (hashed by identity; models of one
+            structure share it).
+        spec: the resolved guide spec (``vj.guides.MeanField()``, ...).
+        estimator: the resolved estimator configuration.
+        num_particles: draws per step (>= 1).
+        optimizer: the optax ``GradientTransformation``.
+        chunk_len: steps per compiled chunk.
+        rule: the sized stopping rule (:class:`vijax.Convergence`) or ``None``.
+        feed: the data feed (:class:`vijax.data.Feed`) or ``None`` (all the data each step).
+    """
+
+    target: Any
+    spec: Any
+    estimator: Any
+    num_particles: int
+    optimizer: Any
+    chunk_len: int
+    rule: Convergence | None = None
+    feed: Feed | None = None
+
+
+class Program(NamedTuple):
+    """The compiled pieces of a :class:`Problem`.
+
+    Attributes:
+        problem: what was compiled.
+        guide: the guide's functions; ``objective`` the loss.
+        start: jitted ``(key, data, fixed, mask) -> (tries, theta0, ok, state, loop_key)``:
+            the initial point (``fixed`` unconstrained values where ``mask``), the guide
+            centred on it, the loop state (``(guide params, model params)`` for a model with
+            parameters).
+        run_chunk: jitted ``(state, data, loop_key, total_steps, avg_start,
+            first_chunk_end, max_consecutive, feed_args=None) -> (state, losses
+            (chunk_len,))`` (:func:`vijax.loop.make_chunk_runner`).
+        restart: jitted ``params -> state``: a fresh loop state at given parameters (warm
+            starts).
+    """
+
+    problem: Problem
+    guide: Guide
+    objective: Objective
+    start: Callable
+    run_chunk: Callable
+    restart: Callable
+
+    def weighted_sampler(self, n: int, constrained: bool = True) -> Callable:
+        """Jitted ``(key, guide params, data, model params=None) -> (draws, log w (n,))``
+        for PSIS (cached per ``n``)."""
+        return _weighted_sampler(self.problem.target, self.guide, n, constrained)
+
+
+@functools.lru_cache(maxsize=128)
+def compile_problem(problem: Problem) -> Program:
+    """The :class:`Program` of ``problem``: built once per problem (an LRU cache of 128), each
+    piece compiled by ``jax.jit`` on its first call."""
+    target, feed, rule, optimizer = problem.target, problem.feed, problem.rule, \
+        problem.optimizer
+    guide = build_guide(problem.spec, target)
+    if feed is None:
+        objective = make_objective(target, guide, problem.estimator, problem.num_particles)
+    else:
+        objective = make_objective(target, guide, problem.estimator, problem.num_particles,
+                                   weighted=True, kl_weighted=feed.kl is not None)
+    runner = make_chunk_runner(objective, optimizer, problem.chunk_len, rule, feed)
+    find = _init_finder(target, guide.no_jacobian)
+
+    def with_model_params(gparams, dtype):
+        return (gparams, target.param_init(dtype)) if target.params else gparams
+
+    @jax.jit  # everything before the first step is one compiled program
+    def start(key, data, fixed, mask):
+        k_init, k_guide, k_loop = jax.random.split(key, 3)
+        tries, theta, ok = find(k_init, data, fixed, mask)
+        params = with_model_params(guide.init(k_guide, theta), theta.dtype)
+        state = init_state(params, optimizer, objective.init_state(theta.dtype), rule, feed)
+        return tries, theta, ok, state, k_loop
+
+    restart = jax.jit(lambda params: init_state(  # warm starts
+        params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
+        rule, feed))
+    return Program(problem, guide, objective, start, runner, restart)
+
+
+@functools.lru_cache(maxsize=128)
+def parameter_count(target, spec, dtype_name: str) -> tuple[int, bool]:
+    """Number of parameter elements of ``spec``'s guide (and the model's parameters) for
+    ``target`` and whether the guide is a point mass (they size the stopping rule)."""
+    guide = build_guide(spec, target)
+    shapes = jax.eval_shape(guide.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((target.full_dim,), np.dtype(dtype_name)))
+    n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+    n += sum(b.size for b in target.params)
+    return n, bool(guide.point_mass and not target.discrete)
