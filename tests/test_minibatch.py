@@ -125,6 +125,13 @@ def test_no_recompile_on_second_chunk_second_fit_or_new_data():
         b = _fit(other, steps=200, key=jax.random.key(5))
     assert n[0] == 0, f"{n[0]} compilations"
     assert not _same(a.params, b.params)
+    # streamed, a dataset of another N has the same batch shapes: nothing compiles either
+    more = {"X": np.concatenate([X, X[:40]]), "y": np.concatenate([Y, Y[:40]])}
+    _fit(steps=100, stream=True)
+    with count_compiles() as n:
+        c = _fit(more, steps=100, stream=True, key=jax.random.key(5))
+    assert n[0] == 0, f"{n[0]} compilations for a stream of another length"
+    assert np.all(np.isfinite(c.losses))
 
 
 def test_minibatch_fit_matches_full_batch_posterior():
