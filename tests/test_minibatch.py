@@ -134,6 +134,7 @@ def test_no_recompile_on_second_chunk_second_fit_or_new_data():
     assert np.all(np.isfinite(c.losses))
 
 
+@pytest.mark.slow
 def test_minibatch_fit_matches_full_batch_posterior():
     full = vj.fit(LOGISTIC, DATA, guide="meanfield", progress=False, precondition=None,
                   key=jax.random.key(2))
@@ -199,6 +200,7 @@ def test_type_ii_ml_equals_the_closed_form_maximiser():
     assert res.diagnostics.k_hat_reading.startswith("good")
 
 
+@pytest.mark.slow
 def test_type_ii_ml_matches_sklearn_bayesian_ridge():
     sklearn = pytest.importorskip("sklearn")
     from sklearn.datasets import load_diabetes
