@@ -6,7 +6,18 @@ import gc
 
 import jax
 
-from vijax import curvature, driver, loop, many, precondition, program, result, start, trust
+from vijax import (
+    curvature,
+    driver,
+    loop,
+    many,
+    precondition,
+    program,
+    result,
+    start,
+    stream,
+    trust,
+)
 
 __all__ = ["clear_caches"]
 
@@ -16,7 +27,7 @@ def clear_caches() -> None:
     long-lived processes that fit many different models (each compiled program keeps its
     machine code mapped in memory)."""
     for module in (start, program, driver, trust, loop, many, precondition, result,
-                   curvature):
+                   curvature, stream):
         for value in vars(module).values():
             if hasattr(value, "cache_clear"):
                 value.cache_clear()

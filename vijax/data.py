@@ -86,19 +86,34 @@ def shuffle(slot, epoch, seed, n, xp=jnp):
     return _shuffle(slot, epoch, seed, n, xp)
 
 
-def _shuffle(slot, epoch, seed, n, xp):
+def _round_keys(epoch, seed, n, xp):
+    """Per round ``r``: the reflection point ``K_r`` in ``[0, n)`` and the hash salt of
+    epoch ``epoch`` (lists of ``ROUNDS`` values shaped like ``epoch``)."""
     u = xp.uint32
-    x = xp.asarray(slot).astype(u)
-    n = xp.asarray(n).astype(u)
     key = _mix(xp.asarray(seed).astype(u) ^ _mix(xp.asarray(epoch).astype(u) * u(_C1) + u(1),
                                                  xp), xp)
-    for r in range(ROUNDS):
-        k_r = _mix(key + u(r) * u(_C2), xp) % n
-        partner = (k_r + n - x) % n
-        salt = _mix(key ^ (u(r + 1) * u(_C3)), xp)
+    n = xp.asarray(n).astype(u)
+    ks = [_mix(key + u(r) * u(_C2), xp) % n for r in range(ROUNDS)]
+    salts = [_mix(key ^ (u(r + 1) * u(_C3)), xp) for r in range(ROUNDS)]
+    return ks, salts
+
+
+def _rounds(x, ks, salts, n, xp):
+    """Swap-or-not rounds on ``x`` (uint32 in ``[0, n)``); no division per element: with
+    ``K, x < n``, ``(K + n - x) mod n`` is one compare and subtract."""
+    u = xp.uint32
+    n = xp.asarray(n).astype(u)
+    for k_r, salt in zip(ks, salts, strict=True):
+        d = k_r + n - x
+        partner = xp.where(d >= n, d - n, d)
         flip = (_mix(xp.maximum(x, partner) ^ salt, xp) & u(1)) == u(1)
         x = xp.where(flip, partner, x)
     return x
+
+
+def _shuffle(slot, epoch, seed, n, xp):
+    ks, salts = _round_keys(epoch, seed, n, xp)
+    return _rounds(xp.asarray(slot).astype(xp.uint32), ks, salts, n, xp)
 
 
 def _draw(position, seed, n, xp):
@@ -126,7 +141,13 @@ def device_indices(mb: Minibatch, pos, seed, n):
         rows = _draw(e.astype(jnp.uint32) * n.astype(jnp.uint32) + slot.astype(jnp.uint32),
                      seed, n, jnp)
     else:
-        rows = shuffle(slot, e, seed, n, jnp)
+        # the round keys of the batch's (at most two) epochs, as scalars: a division per
+        # round, not per element (a division by a runtime n is slow)
+        k0, s0 = _round_keys(epoch, seed, n, jnp)
+        k1, s1 = _round_keys(epoch + 1, seed, n, jnp)
+        ks = [jnp.where(wrap, b, a) for a, b in zip(k0, k1, strict=True)]
+        salts = [jnp.where(wrap, b, a) for a, b in zip(s0, s1, strict=True)]
+        rows = _rounds(slot.astype(jnp.uint32), ks, salts, n, jnp)
     return rows.astype(jnp.int32)
 
 
@@ -148,9 +169,11 @@ def host_indices(mb: Minibatch, first_step: int, steps: int, seed: int, n: int) 
         if mb.shuffle == "randint":
             g = (epoch.astype(np.uint32) * np.uint32(n) + slot.astype(np.uint32))
             rows = _draw(g, np.uint32(seed), n, np)
-        else:
-            rows = shuffle(slot.astype(np.uint32), epoch.astype(np.uint32), np.uint32(seed),
-                           n, np)
+        else:  # round keys once per epoch of the chunk, not per element
+            epochs, inverse = np.unique(epoch, return_inverse=True)
+            ks, salts = _round_keys(epochs.astype(np.uint32), np.uint32(seed), n, np)
+            rows = _rounds(slot.astype(np.uint32), [k[inverse] for k in ks],
+                           [t[inverse] for t in salts], n, np)
     return rows.astype(np.int64).reshape(steps, b)
 
 

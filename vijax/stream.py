@@ -2,7 +2,8 @@
 ``.npy`` files, and each chunk's batches are gathered on the host and shipped to the device
 (asynchronous ``jax.device_put``) while the previous chunk runs.
 
-The rows of every step are those :func:`vijax.data.host_indices` names: exactly the rows a
+The rows of every step are computed by the loop's own index code (:func:`vijax.data.
+device_indices`, the same as :func:`vijax.data.host_indices`): exactly the rows a
 device-resident fit of the same data draws, so a streamed fit equals a device-resident one
 bitwise, and a resumed fit continues mid-epoch where it stopped. Device memory holds two
 chunks of batches (``2 * chunk_size * batch_size`` rows), whatever N.
@@ -10,12 +11,13 @@ chunks of batches (``2 * chunk_size * batch_size`` rows), whatever N.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import numpy as np
 
-from vijax.data import Minibatch, host_indices
+from vijax.data import Minibatch, advance, device_indices, position_at
 
 __all__ = ["HostData", "host_data"]
 
@@ -66,9 +68,27 @@ class HostData:
 
     def chunk(self, mb: Minibatch, first_step: int, steps: int, seed: int) -> Any:
         """The batches of ``steps`` steps from ``first_step``, as device arrays of leading
-        shape ``(steps, B)`` (the transfer is asynchronous)."""
-        rows = host_indices(mb, first_step, steps, seed, self.n)
-        return jax.device_put(self.gather(rows))
+        shape ``(steps, B)`` (the transfer is asynchronous). The rows come from the device's
+        own index program (:func:`vijax.data.device_indices`, compiled, faster than numpy),
+        started at the exact ``(epoch, offset)`` of ``first_step``."""
+        epoch, offset = position_at(mb, first_step, self.n)
+        rows = np.asarray(_chunk_rows(mb, steps)(np.int32(epoch), np.int32(offset),
+                                                 np.uint32(seed), np.int32(self.n)))
+        return jax.device_put(self.gather(rows.astype(np.int64)))
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_rows(mb: Minibatch, steps: int):
+    """Jitted ``(epoch, offset, seed, n) -> rows (steps, B)``: the rows of ``steps``
+    consecutive steps, by the loop's own index and position code."""
+
+    def run(epoch, offset, seed, n):
+        def body(pos, _):
+            return advance(mb, pos, n), device_indices(mb, pos, seed, n)
+
+        return jax.lax.scan(body, (epoch, offset), None, length=steps)[1]
+
+    return jax.jit(run)
 
 
 def host_data(data: Any, dtype) -> HostData:
