@@ -244,14 +244,15 @@ def test_no_latent_sites_raises_naming_the_model():
         from_numpyro(all_observed, Y)
 
 
-def test_subsampling_plate_raises_naming_the_plate():
+def test_subsampling_plate_gives_a_factorised_model():
+    # details in tests/test_numpyro_subsample.py
     def subsampled(y):
         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
         with numpyro.plate("minibatch", y.shape[0], subsample_size=2) as idx:
             numpyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
 
-    with pytest.raises(ValueError, match="'minibatch'.*subsampl"):
-        from_numpyro(subsampled, Y)
+    m = from_numpyro(subsampled, Y)
+    assert m.factorised and m.default_batch_size == 2
 
 
 def test_support_depending_on_a_latent_raises_naming_the_site():

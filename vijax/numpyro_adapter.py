@@ -29,11 +29,52 @@ that is a compile-time constant recompiles on every new value).
 Supports are fixed: a support whose parameters depend on the data (``Uniform(0, x.max())``,
 or ``Uniform(0.0, upper)`` with a float argument ``upper``) is baked in for that data, and new
 data that changes it gives a new target (a recompile, never a wrong support).
+
+**Subsampling plates** (:func:`subsampled_model`): a NumPyro model with a subsampling plate
+becomes a factorised vijax model (minibatch SVI).
+
+A model written for NumPyro's minibatch SVI,
+
+    with numpyro.plate("data", x.shape[0], subsample_size=B):
+        xb = numpyro.subsample(x, event_dim=1)        # or: ... as idx: xb = x[idx]
+        numpyro.sample("obs", dist.Bernoulli(logits=xb @ w), obs=numpyro.subsample(y, 0))
+
+becomes ``Model(log_prior=..., log_likelihood=..., data=...)`` with
+
+    log_prior(z)            = sum_{sites s outside the plate} scale_s * log p_s(value_s)
+    log_likelihood(z, d)[n] = sum_{sites s inside the plate}  scale_s * log p_s(value_s)[n],
+
+where ``n`` runs over the plate's dimension and ``scale_s`` is only the user's own
+``handlers.scale``: NumPyro's ``size / subsample_size`` is *not* applied, vijax's loop scales a
+batch's summed log likelihood by ``N / B`` itself. So ``log_prior(z) +
+sum(log_likelihood(z, data))`` is NumPyro's full-data log density (no subsampling).
+
+The observation-axis data (``Model.data``) are the traced array leaves of ``(args, kwargs)``
+whose leading axis has the plate's size ``N``: the rows the plate subsamples. The model is
+run on a batch of ``B`` rows of them with the plate made to take all of its rows (its
+subsample indices set to ``arange(size)``), so ``numpyro.subsample`` and ``x[idx]`` both give
+the batch itself. Every other numeric leaf (hyperparameters, a feature count, a prior mean
+vector) is closed over like a concrete leaf (keyed by value: new values recompile).
+The result is a :class:`SubsampledModel`, whose ``default_batch_size`` is ``subsample_size``.
+
+Checked when the model is built, each with an error naming the plate or site:
+
+* one subsampling plate at most (several would need one index stream per plate);
+* no latent site inside the plate (a local latent: per-row latents in the guide, amortised
+  or indexed by the batch rows, are a later vijax feature);
+* the plate's size follows the data (``numpyro.plate(name, x.shape[0], ...)``), so that the
+  model run on a batch of ``B`` rows has a plate of size ``B``, and some leaf has ``N`` rows;
+* no site outside the plate reads the observation data (``log_prior`` has no data);
+* the factorised density equals NumPyro's own on a subsample (NumPyro's ``N / B``-scaled
+  density at the plate's indices ``S`` against ``log_prior + N / B * sum(log_likelihood)``
+  on the rows ``S``, at one point): this catches data read in full rather than through the
+  plate (``x.mean()`` inside the plate, an ``N``-row leaf the plate does not subsample).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -41,9 +82,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro import handlers
 from numpyro.infer.util import log_density
+from numpyro.primitives import Messenger
 
-from vijax.model import Latent, Model, Param
+from vijax.model import Latent, Model, Param, output_dependence
 from vijax.numpyro_data import (
     TRACED,
     TRACER_ERRORS,
@@ -55,15 +98,17 @@ from vijax.numpyro_data import (
     split,
 )
 from vijax.numpyro_sites import (
+    SubsamplePlate,
     _abstract_sites,
     _discover,
     _none_arguments,
     _support_leaves,
+    _trace,
     _warn_masked,
     _warn_unobserved,
 )
 
-__all__ = ["from_numpyro"]
+__all__ = ["from_numpyro", "SubsampledModel"]
 
 _CACHE_SIZE = 128
 _cache: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
@@ -177,8 +222,12 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     sample site becomes a latent named after the site, with the site value's shape (plate
     dimensions included) and the distribution's support, in site order (the continuous
     latents' blocks of the unconstrained vector ``theta`` follow it, then the discrete ones).
-    Observed sites, ``numpyro.deterministic``, ``numpyro.factor`` and (non-subsampling)
-    plates are supported. The log joint at constrained values is
+    Observed sites, ``numpyro.deterministic``, ``numpyro.factor`` and plates are supported.
+    A model with one subsampling plate (``numpyro.plate(..., subsample_size=B)``, written for
+    NumPyro's minibatch SVI) gives a factorised :class:`SubsampledModel` (``log_prior`` and a
+    per-row, unscaled ``log_likelihood``; ``data`` the arguments the plate subsamples;
+    ``default_batch_size=B``) for ``vj.fit(m, batch_size=m.default_batch_size)``: see the
+    module docstring for what it refuses. Otherwise the log joint at constrained values is
     ``numpyro.infer.util.log_density(model_fn, args, kwargs, z)[0]``, with no Jacobian.
 
     Discrete latent sites need a finite elementwise support: ``constraints.boolean``
@@ -233,7 +282,8 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
         TypeError: ``model_fn`` is not callable.
         ValueError: the model has no latent site, a discrete latent site's support is
             infinite (``Poisson``) or not elementwise (``Multinomial``) or its bounds differ
-            between elements, a site name is not a Python identifier, a plate subsamples, a
+            between elements, a site name is not a Python identifier, a subsampling plate cannot
+            be factorised (see the module docstring; the plate is named), a
             ``numpyro.param`` has a discrete constraint or an initial value outside it, a
             latent's support depends on other latents (the site or plate is named), or the
             model reads a latent as a Python or NumPy value (``if mu > 0``, ``np.exp(mu)``).
@@ -283,15 +333,25 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     hint = _cache_get(concrete_key) if concrete_key is not None else None
     candidates = tuple(i for i, x in enumerate(leaves) if is_candidate(x))
     try:
-        concrete, (static, data, (found, masked, param_sites)) = find_concrete(
+        concrete, (static, data, (found, masked, param_sites, plates)) = find_concrete(
             attempt, candidates, hint)
     except TRACER_ERRORS as e:
         raise _latent_read_as_value(name, e) from None
+    if plates:
+        check_plate(name, plates)
     if concrete_key is not None:
         _cache_put(concrete_key, concrete)
     values, supports, params = _discover(model_fn, name, treedef, static, data, found,
                                          param_sites)
     latents = {k: Latent(shape=v.shape, support=supports[k]) for k, v in values.items()}
+    if plates:  # NumPyro's minibatch SVI: a factorised model (vijax.numpyro_subsample)
+        if masked:
+            _warn_masked(model_fn, name, treedef, static, data, masked)
+        return subsampled_model(
+            model_fn, name, treedef, leaves, concrete, leaf_names(model_fn, args, kwargs),
+            plates, latents, params,
+            lambda static: _cache_key(model_fn, treedef, static, latents, params),
+            _cache_get, _cache_put)
 
     key = _cache_key(model_fn, treedef, static, latents, params)
     template = _cache_get(key) if key is not None else None
@@ -316,3 +376,247 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     if key is not None:
         _cache_put(key, template)
     return template.with_data(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# subsampling plates (NumPyro's minibatch SVI) as a factorised model
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SubsampledModel(Model):
+    """A factorised :class:`~vijax.model.Model` made from a NumPyro model with a subsampling
+    plate; ``default_batch_size`` is the plate's ``subsample_size``, the batch size the
+    model was written for: ``vj.fit(m, batch_size=m.default_batch_size)``."""
+
+    default_batch_size: int | None = None
+
+
+class _AllRows(Messenger):
+    """Make the plate ``plate`` take all of its rows: its subsample indices are
+    ``arange(size)``, so it neither subsamples nor scales."""
+
+    def __init__(self, fn: Callable | None = None, plate: str = "",
+                 seen: dict | None = None) -> None:
+        self.plate = plate
+        self.seen = {} if seen is None else seen  # the plate's size, as the model gives it
+        super().__init__(fn)
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] == "plate" and msg["name"] == self.plate:
+            size = msg["args"][0]
+            self.seen["plate"] = size
+            msg["value"] = jnp.arange(size)
+            msg["args"] = (size, size)
+
+
+def _site_log_prob(site: dict) -> jax.Array:
+    fn, value = site["fn"], site["value"]
+    lp = fn.log_prob(value, site["intermediates"]) if site.get("intermediates") else \
+        fn.log_prob(value)
+    return lp if site["scale"] is None else site["scale"] * lp
+
+
+def _plate_frame(site: dict, plate: str):
+    return next((f for f in site["cond_indep_stack"] if f.name == plate), None)
+
+
+def _rows(lp: jax.Array, frame) -> jax.Array:
+    """Per-row sums ``(size,)`` of a site's log density along the plate's dimension."""
+    lp = jnp.asarray(lp)
+    dim = frame.dim
+    if lp.ndim < -dim:
+        lp = lp.reshape((1,) * (-dim - lp.ndim) + lp.shape)
+    lp = jnp.moveaxis(lp, lp.ndim + dim, 0)
+    return jnp.broadcast_to(lp.reshape(lp.shape[0], -1).sum(1), (frame.size,))
+
+
+def _run(model_fn: Callable, treedef: Any, static: tuple, obs: tuple, z: dict, plate: str,
+         seen: dict | None = None) -> dict:
+    """Trace of the model on the rows ``obs`` with latents and parameters ``z``."""
+    args, kwargs = rebuild(treedef, static, obs)
+    with (handlers.trace() as tr, handlers.substitute(data=z),
+          _AllRows(plate=plate, seen=seen),
+          handlers.seed(rng_seed=0)):
+        model_fn(*args, **kwargs)
+    return tr
+
+
+def _terms(tr: dict, plate: str) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """``(prior, rows)``: per sample site outside the plate its summed log density, per site
+    inside it its per-row log density."""
+    prior, rows = {}, {}
+    for site_name, site in tr.items():
+        if site["type"] != "sample":
+            continue
+        frame = _plate_frame(site, plate)
+        lp = _site_log_prob(site)
+        if frame is None:
+            prior[site_name] = jnp.sum(lp)
+        else:
+            rows[site_name] = _rows(lp, frame)
+    return prior, rows
+
+
+def _fail(name: str, plate: SubsamplePlate, what: str) -> ValueError:
+    return ValueError(f"numpyro model {name!r}, subsampling plate {plate.name!r} "
+                      f"(size {plate.size}, subsample_size {plate.subsample_size}): {what}")
+
+
+def check_plate(name: str, plates: dict[str, SubsamplePlate]) -> SubsamplePlate:
+    if len(plates) > 1:
+        raise ValueError(
+            f"numpyro model {name!r} has {len(plates)} subsampling plates ({list(plates)}); "
+            "vijax minibatches one observation axis: subsample one plate and give the "
+            "others their full size (drop their subsample_size)")
+    plate = next(iter(plates.values()))
+    if plate.local_latents:
+        raise _fail(name, plate, (
+            f"latent site(s) {list(plate.local_latents)} lie inside it. These are local "
+            "latents (one per row); vijax's local latents (a per-row guide for minibatch "
+            "fits) are a later feature. Marginalise them out, move them out of the plate, "
+            "or fit the full data without subsample_size. If a site is an observation, pass "
+            "its data (obs=None makes it a latent)"))
+    return plate
+
+
+def subsampled_model(model_fn: Callable, name: str, treedef: Any, leaves: list,
+                     concrete: frozenset[int], names: list[str], plates: dict,
+                     latents: dict, params: dict, template_key: Any,
+                     cache_get: Callable, cache_put: Callable) -> SubsampledModel:
+    """The factorised model of a NumPyro model with one subsampling plate (module docstring).
+
+    ``leaves`` are the flat ``(args, kwargs)``, ``concrete`` the indices of the leaves the
+    model reads as NumPy values, ``names`` their readable names, ``latents`` and ``params``
+    the global latents and parameters found by the adapter; ``template_key(static)`` the
+    memoisation key of a template with those static leaves.
+    """
+    plate = check_plate(name, plates)
+    n = plate.size
+    traced = [i for i, x in enumerate(leaves) if i not in concrete and is_candidate(x)]
+    rows = [i for i in traced if np.ndim(leaves[i]) >= 1 and np.shape(leaves[i])[0] == n]
+    if not rows:
+        raise _fail(name, plate, (
+            f"no data argument has {n} rows along its leading axis; vijax minibatches the "
+            "leading axis of the data that the plate subsamples, so the plate's size must be "
+            "that axis's length (numpyro.plate(name, x.shape[0], subsample_size=...))"))
+    closed = frozenset(traced) - frozenset(rows)
+    static, obs = split(leaves, frozenset(concrete) | closed)
+    row_names = [names[i] for i in rows]
+
+    key = template_key(static)
+    key = None if key is None else ("subsample", plate.name, plate.subsample_size, key)
+    template = cache_get(key) if key is not None else None
+    if template is not None:
+        return template.with_data(obs)
+
+    placeholder = tuple(np.zeros((1,) + np.shape(x)[1:], np.result_type(x)) for x in obs)
+
+    def log_prior(z: dict) -> jax.Array:
+        prior, _ = _terms(_run(model_fn, treedef, static, placeholder, z, plate.name),
+                          plate.name)
+        return sum(prior.values(), start=jnp.zeros(()))
+
+    def log_likelihood(z: dict, data: tuple) -> jax.Array:
+        if not isinstance(data, tuple | list) or len(data) != len(obs):
+            raise ValueError(
+                f"numpyro model {name!r}: data must be the tuple of the {len(obs)} data "
+                f"arguments that plate {plate.name!r} subsamples ({row_names}), rows along "
+                f"the leading axis (Model.data); got {data!r}")
+        _, per_site = _terms(_run(model_fn, treedef, static, tuple(data), z, plate.name),
+                             plate.name)
+        return sum(per_site.values(), start=jnp.zeros(()))
+
+    log_prior.__name__ = f"log_prior_{name}"
+    log_likelihood.__name__ = f"log_likelihood_{name}"
+    decl = {**latents, **params}
+    z_spec = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32 if v.support.is_discrete and k in
+                                      latents else jnp.result_type(float))
+              for k, v in decl.items()}
+    _check_structure(model_fn, name, treedef, static, obs, z_spec, plate, row_names)
+    _check_against_numpyro(model_fn, name, treedef, leaves, concrete, rows, plate, row_names,
+                           log_prior, log_likelihood, list(decl))
+    template = SubsampledModel(log_prior=log_prior, log_likelihood=log_likelihood,
+                               latents=latents, params=params,
+                               default_batch_size=plate.subsample_size)
+    if key is not None:
+        cache_put(key, template)
+    return template.with_data(obs)
+
+
+def _fixed_size(name: str, plate: SubsamplePlate, b: int, size: Any,
+                row_names: list[str]) -> ValueError:
+    return _fail(name, plate, (
+        f"run on a batch of {b} rows of {row_names} its size is {size}, not {b}: the size "
+        f"must follow the data (numpyro.plate({plate.name!r}, x.shape[0], "
+        "subsample_size=...)), not be a fixed number, so that vijax can feed it batches"))
+
+
+def _check_structure(model_fn: Callable, name: str, treedef: Any, static: tuple, obs: tuple,
+                     z_spec: dict, plate: SubsamplePlate, row_names: list[str]) -> None:
+    """Abstractly (nothing compiled): the model runs on a batch of ``B`` rows with a plate
+    of size ``B``, has a site inside the plate, and no site outside it reads the rows."""
+    b = plate.subsample_size
+    batch = tuple(jax.ShapeDtypeStruct((b,) + np.shape(x)[1:], np.result_type(x)) for x in obs)
+    sizes, order = {}, []
+
+    def terms(zs: list, data: tuple) -> list:
+        tr = _run(model_fn, treedef, static, data, dict(zip(z_spec, zs, strict=True)),
+                  plate.name, sizes)
+        prior, rows = _terms(tr, plate.name)
+        order[:] = [list(prior), list(rows)]
+        return list(prior.values())
+
+    try:
+        deps = output_dependence(terms, list(z_spec.values()), batch)
+    except Exception as e:  # noqa: BLE001 (any failure means it cannot be fed batches)
+        if sizes.get("plate", b) != b:
+            raise _fixed_size(name, plate, b, sizes["plate"], row_names) from None
+        raise _fail(name, plate, (
+            f"the model fails when run on a batch of {b} rows of {row_names} (the data with "
+            f"{plate.size} rows along the leading axis, which vijax minibatches): is some "
+            "data subsampled along another axis, or an argument with that many rows not "
+            f"subsampled by the plate? {type(e).__name__}: {e}")) from None
+    if sizes.get("plate") != b:
+        raise _fixed_size(name, plate, b, sizes.get("plate"), row_names)
+    prior_sites, row_sites = order
+    if not row_sites:
+        raise _fail(name, plate, "no sample site lies inside it; nothing to minibatch")
+    n_z = len(z_spec)
+    for site_name, d in zip(prior_sites, deps, strict=True):
+        read = [row_names[j] for j in range(len(row_names)) if d >> (n_z + j) & 1]
+        if read:
+            raise _fail(name, plate, (
+                f"site {site_name!r} lies outside the plate but reads {read}, the data the "
+                "plate subsamples; vijax's log prior sees no data: compute what it needs "
+                "from the data before calling the model and pass it as an argument"))
+
+
+def _check_against_numpyro(model_fn: Callable, name: str, treedef: Any, leaves: list,
+                           concrete: frozenset[int], rows: list[int], plate: SubsamplePlate,
+                           row_names: list[str], log_prior: Callable,
+                           log_likelihood: Callable, z_names: list[str]) -> None:
+    """NumPyro's density on a subsample equals the factorised one on the same rows."""
+    static, data = split(leaves, frozenset(concrete))
+    args, kwargs = rebuild(treedef, static, data)
+    tr = _trace(model_fn, args, kwargs, 0.0)
+    z = {k: tr[k]["value"] for k in z_names}
+    n, b = plate.size, plate.subsample_size
+    idx = np.random.default_rng(0).permutation(n)[:b]
+    try:
+        ref = log_density(handlers.substitute(model_fn, data={plate.name: jnp.asarray(idx)}),
+                          args, kwargs, z)[0]
+    except Exception as e:  # noqa: BLE001
+        raise _fail(name, plate, f"NumPyro cannot evaluate the model on the subsample "
+                                 f"{idx[:5].tolist()}...: {type(e).__name__}: {e}") from None
+    batch = tuple(np.take(np.asarray(leaves[i]), idx, axis=0) for i in rows)
+    prior, per_row = log_prior(z), log_likelihood(z, batch)
+    ours = prior + n / b * jnp.sum(per_row)
+    tol = 1e-3 * (1.0 + jnp.abs(prior) + n / b * jnp.sum(jnp.abs(per_row)))
+    if not bool(jnp.abs(ours - ref) <= tol):
+        raise _fail(name, plate, (
+            f"its factorised log density (log prior + N/B * the batch's log likelihood, "
+            f"rows {row_names} taken along the leading axis) is {float(ours):.6g} on a "
+            f"subsample, NumPyro's is {float(ref):.6g}: the model reads data with {n} rows "
+            "other than through the plate (in full, e.g. x.mean() inside the plate, or an "
+            "argument of that length the plate does not subsample); subsample every such "
+            "argument with numpyro.subsample or x[idx]"))

@@ -32,7 +32,7 @@ import keyword
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,15 +123,7 @@ def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
     """Latent sample sites in site order; raises on what vijax cannot handle yet."""
     latents = {}
     for site_name, site in tr.items():
-        kind = site["type"]
-        if kind == "plate":
-            size, subsample_size = site["args"]
-            if subsample_size is not None and subsample_size < size:
-                raise ValueError(
-                    f"numpyro model {name!r}: plate {site_name!r} subsamples "
-                    f"{subsample_size} of {size}; subsampling plates are not supported: "
-                    "drop subsample_size (vijax evaluates the full data set)")
-        if kind != "sample" or site["is_observed"]:
+        if site["type"] != "sample" or site["is_observed"]:
             continue
         support = site["fn"].support
         if support.is_discrete and _finite_base(support) is None:
@@ -150,21 +142,51 @@ def _latent_sites(tr: dict, name: str) -> dict[str, dict]:
     return latents
 
 
+def subsample_plates(tr: dict) -> dict[str, SubsamplePlate]:
+    """The plates of a trace that subsample (``subsample_size < size``), in site order, each
+    with the latent sample sites inside it."""
+    plates = {k: SubsamplePlate(k, int(site["args"][0]), int(site["args"][1]), ())
+              for k, site in tr.items() if site["type"] == "plate"
+              and site["args"][1] is not None and site["args"][1] < site["args"][0]}
+    for site_name, site in tr.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.name in plates:
+                p = plates[frame.name]
+                plates[frame.name] = p._replace(local_latents=(*p.local_latents, site_name))
+    return plates
+
+
+class SubsamplePlate(NamedTuple):
+    """A plate that subsamples: ``numpyro.plate(name, size, subsample_size)``, and the latent
+    sample sites inside it (``local_latents``)."""
+
+    name: str
+    size: int
+    subsample_size: int
+    local_latents: tuple[str, ...]
+
+
 def _abstract_sites(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple
-                    ) -> tuple[dict[str, tuple], list[str], list[str]]:
+                    ) -> tuple[dict[str, tuple], list[str], list[str],
+                               dict[str, SubsamplePlate]]:
     """One abstract trace (nothing is compiled), with the traced data abstract as in the
     compiled fit: per latent site its ``ShapeDtypeStruct`` and its support (``None`` where
     the support's parameters are traced), the masked latent sites (``obs_mask``,
-    ``handlers.mask``, ``.mask()``) and the ``numpyro.param`` sites. Raises JAX's tracer
-    errors where the model reads an abstract value as a Python or NumPy value."""
+    ``handlers.mask``, ``.mask()``), the ``numpyro.param`` sites and the subsampling plates
+    (:func:`subsample_plates`). Raises JAX's tracer errors where the model reads an abstract
+    value as a Python or NumPy value."""
     found: dict[str, tuple] = {}
     masked: list[str] = []
     params: list[str] = []
+    plates: dict[str, SubsamplePlate] = {}
 
     def run(data: tuple) -> None:
         args, kwargs = rebuild(treedef, static, data)
         tr = _trace(model_fn, args, kwargs, 0.0)
         params.extend(_param_sites(tr, name))
+        plates.update(subsample_plates(tr))
         for site_name, site in _latent_sites(tr, name).items():
             value, support = site["value"], site["fn"].support
             traced = any(isinstance(x, jax.core.Tracer)
@@ -175,7 +197,7 @@ def _abstract_sites(model_fn: Callable, name: str, treedef: Any, static: tuple, 
                 masked.append(site_name)
 
     jax.eval_shape(run, data)
-    return found, masked, params
+    return found, masked, params, plates
 
 
 def _discover(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple,
