@@ -19,7 +19,7 @@ LAYERS = (
     ("model", ("vijax.model",)),
     ("target", ("vijax.target",)),
     ("model front ends", ("vijax.numpyro_data", "vijax.numpyro_sites",
-                          "vijax.numpyro_adapter")),
+                          "vijax.numpyro_subsample", "vijax.numpyro_adapter")),
     ("guides", ("vijax.guides", "vijax.guides.*")),
     ("objective", ("vijax.objective",)),
     ("loop", ("vijax.loop",)),

@@ -174,3 +174,20 @@ def test_prior_reading_the_rows_raises_naming_the_site():
 
     with pytest.raises(ValueError, match=r"site 'w' lies outside the plate but reads \['y'\]"):
         from_numpyro(empirical, X, Y)
+
+
+def test_fit_without_batch_size_uses_the_plates_subsample_size():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 2)).astype(np.float32)
+    y = (rng.uniform(size=120) < 0.5).astype(np.float32)
+
+    def model(x, y=None):
+        w = numpyro.sample("w", dist.Normal(0, 1).expand([x.shape[1]]).to_event(1))
+        with numpyro.plate("data", x.shape[0], subsample_size=30):
+            xb = numpyro.subsample(x, event_dim=1)
+            yb = numpyro.subsample(y, event_dim=0)
+            numpyro.sample("obs", dist.Bernoulli(logits=xb @ w), obs=yb)
+
+    res = vj.fit(vj.from_numpyro(model, x, y=y), guide="meanfield", steps=200,
+                  convergence=None, psis_draws=0, progress=False)
+    assert "minibatches of 30" in res.diagnostics.data

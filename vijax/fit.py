@@ -118,7 +118,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
             (an unbiased estimate of the full ELBO). The stopping rule accounts for the
             extra gradient noise (:class:`vijax.Convergence` ``noise_ratio``); the PSIS
             check evaluates the full data in row blocks. ``None``: every step sees all the
-            data.
+            data (or, for a NumPyro model with a subsampling plate, the plate's
+            ``subsample_size``).
         shuffle: ``"epoch"`` (default: every observation once per epoch, in an order
             reshuffled each epoch) or ``"randint"`` (uniform draws with replacement).
         stream: the data stays in host memory (numpy arrays, or ``np.load(path,
@@ -160,6 +161,9 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress,
         convergence)
     target = model.target
+    if batch_size is None and resume is None:
+        # a NumPyro model written for minibatch SVI carries its plate's subsample_size
+        batch_size = getattr(model, "default_batch_size", None)
     if not isinstance(stream, bool):
         raise TypeError(f"stream must be True or False, got {stream!r}")
     fed = batch_size is not None or stream or kl_weight is not None or (
