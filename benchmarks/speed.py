@@ -7,8 +7,13 @@ N = 1,000,000, D = 100), centred eight schools, hierarchical linear regression (
 points, dim 205). Guides: mean-field, low-rank (rank ``round(sqrt(dim))``) and full-rank (where
 ``dim <= FULLRANK_MAX_DIM``). Methods, all with ``optax.adam(1e-2)`` (constant) and K particles:
 
-* **vijax**: ``vj.fit(guide=..., convergence=None, psis_draws=0, progress=False)``; its chunk
-  program is its own runner (``vijax.driver._pipeline``), tail averaging on.
+* **vijax**: ``vj.fit(guide=..., convergence=None, psis_draws=0, precondition=None,
+  progress=False)`` (from a random start like the others, not the default Newton-polished,
+  whitened start); its chunk program is its own runner (``vijax.driver._pipeline``) as
+  ``vj.fit`` builds it by default: non-finite guard, tail averaging and the default stopping
+  rule (``vj.Convergence()`` sized to the parameters) on; the rule's statistics and block
+  ends run every chunk, but it may not stop the run (``first_chunk_end`` out of reach), so
+  every step is a full step.
 * **NumPyro**: ``SVI`` + ``Trace_ELBO(num_particles=K)`` with the matching autoguide
   (``AutoDiagonalNormal``, ``AutoLowRankMultivariateNormal``, ``AutoMultivariateNormal``);
   whole fit ``svi.run(progress_bar=False)``, chunk program a jitted ``lax.scan`` of
@@ -75,6 +80,7 @@ from benchmarks.bench_core import REPO_ROOT, _device_data, _rank, _tail_mean, _t
 from benchmarks.floor import make_floor
 from benchmarks.workloads import Workload, get_workload
 from vijax.driver import _pipeline
+from vijax.program import parameter_count
 
 __all__ = ["run", "to_markdown", "time_to_converged"]
 
@@ -152,21 +158,25 @@ def _vijax_session(wl: Workload, guide: str, k: int, steps: int) -> Session:
     def fit(data, seed):
         res = vj.fit(model, data, guide=spec, steps=steps, optimizer=optimizer,
                      key=jax.random.key(seed), num_particles=k, chunk_size=min(500, steps),
-                     convergence=None, psis_draws=0, progress=False)
+                     convergence=None, psis_draws=0, precondition=None, progress=False)
         jax.block_until_ready(res.params)
         return np.asarray(res.losses)
 
     def program(data, n):
-        # a new optimizer object is a new entry in vijax's compile cache: nothing is reused
-        _, _, runner, start, _ = _pipeline(model.target, vj.guides.resolve_spec(spec), k,
-                                           optax.adam(LEARNING_RATE), n)
+        # a new optimizer object is a new entry in vijax's compile cache: nothing is reused;
+        # the stopping rule as vj.fit's default convergence="auto" sizes it
+        resolved = vj.guides.resolve_spec(spec)
+        rule = vj.Convergence().sized(*parameter_count(model.target, resolved, "float32"))
+        _, _, runner, start, _ = _pipeline(model.target, resolved, k, optax.adam(LEARNING_RATE),
+                                           n, "auto", rule)
         dim = model.target.full_dim
         state = start(jax.random.key(0), vj.prepare_data(data), jnp.zeros((dim,), jnp.float32),
                       jnp.zeros((dim,), bool))[3]
         # (total steps, averaging start, end of the first chunk, non-finite limit) as vj.fit
-        # passes them: every step active, averaging on as in the tail of a fit
+        # passes them: every step active, averaging on as in the tail of a fit; the first
+        # chunk never ends, so the rule computes everything but cannot stop the run
         extra = (jnp.asarray(2**30, jnp.int32), jnp.asarray(0, jnp.int32),
-                 jnp.asarray(n, jnp.int32), jnp.asarray(VIJAX_MAX_NONFINITE, jnp.int32))
+                 jnp.asarray(2**30, jnp.int32), jnp.asarray(VIJAX_MAX_NONFINITE, jnp.int32))
         return Program(runner, state, extra)
 
     return Session(fit, program)
@@ -506,8 +516,11 @@ def to_markdown(report: dict, header: list[str]) -> str:
         "",
         f"Settings: K = {s['particles']} particle(s), `optax.adam({LEARNING_RATE})` (constant) "
         f"for every method; whole fits of {s['steps']} steps (vijax `convergence=None, "
-        f"psis_draws=0, progress=False`, its default tail averaging); compile and memory of "
-        f"the {s['chunk']}-step chunk program; µs/step = median of {s['repeats']} chunks "
+        f"psis_draws=0, precondition=None, progress=False`, its default tail averaging); "
+        f"compile and memory of "
+        f"the {s['chunk']}-step chunk program (vijax's as `vj.fit` builds it by default: "
+        f"non-finite guard, tail averaging and the default stopping rule, which computes "
+        f"its statistics but may not stop the run); µs/step = median of {s['repeats']} chunks "
         f"(interleaved); repeat fit = median of {s['fit_repeats']} fit(s) on new data; first "
         f"fit {'in a fresh process' if s['first_fit'] == 'process' else 'in-process'}; "
         f"reference run {s['ref_steps']:,} steps. Guides: {', '.join(s['guides'])}; "

@@ -55,8 +55,8 @@ LAG = 4
 """Blocks back for the second loss comparison of criterion 2."""
 
 __all__ = ["Convergence", "ConvergenceWarning", "ConvState", "init_conv_state", "update_conv_state",
-           "resolve_convergence", "auto_window", "describe_stop", "block_params",
-           "block_params_batched"]
+           "enter_chunk", "leave_chunk", "resolve_convergence", "auto_window", "describe_stop",
+           "block_params", "block_params_batched"]
 
 
 class ConvergenceWarning(UserWarning):
@@ -225,28 +225,57 @@ def _gradient_test(c: ConvState, g_sum, g_sq, count, dtype):
     return worst, jnp.sqrt(2.0 * jnp.log(2.0 * jnp.maximum(n_free, 1.0)) / n_safe)
 
 
-def update_conv_state(rule: Convergence, c: ConvState, loss, params, grads, step,
-                      first_chunk_end, active) -> ConvState:
-    """One step's update (selects only, no branches); ``step`` is the step just taken;
-    ``loss`` is NaN (and ``grads`` ignored) for a skipped step."""
-    finite = jnp.isfinite(loss) & active
-    dtype = loss.dtype
-    x = jnp.where(finite, loss, 0.0)
-    total, total_sq = c.total + x, c.total_sq + x * x
-    count = c.count + finite.astype(jnp.int32)
-    in_block = c.in_block + active.astype(jnp.int32)
-    n_in = in_block.astype(dtype)
-    block_avg = jax.tree_util.tree_map(
-        lambda a, p: jnp.where(active, a + (p - a) / jnp.maximum(n_in, 1.0), a),
-        c.block_avg, params)
-    g = jax.tree_util.tree_map(lambda v: jnp.where(finite, v, 0.0), grads)
-    g_sum = jax.tree_util.tree_map(jnp.add, c.g_sum, g)
-    g_sq = jax.tree_util.tree_map(lambda a, v: a + v * v, c.g_sq, g)
+def enter_chunk(c: ConvState) -> ConvState:
+    """``c`` in the layout :func:`update_conv_state` works on inside a compiled chunk, where a
+    block's end moves nothing: ``last_avg`` and ``prev_avg`` hold the averages of the blocks
+    of even and odd index (a block writes its own slot), and a block that has just ended
+    keeps its sums and ``in_block == window`` until the next block's first step restarts them.
+    :func:`leave_chunk` is the inverse (both once per chunk)."""
+    last_avg, prev_avg = _slots(c)
+    return c._replace(last_avg=last_avg, prev_avg=prev_avg)
 
-    end = active & (in_block == rule.window)
-    n = jnp.maximum(count, 1).astype(dtype)
-    mean = total / n
-    var = jnp.maximum(total_sq / n - mean * mean, 0.0) * n / jnp.maximum(n - 1.0, 1.0)
+
+def leave_chunk(c: ConvState, rule: Convergence) -> ConvState:
+    """The :class:`ConvState` of a chunk's final state in :func:`enter_chunk`'s layout."""
+    ended = c.in_block == rule.window
+
+    def restarted(x):
+        return jax.tree_util.tree_map(lambda v: jnp.where(ended, jnp.zeros_like(v), v), x)
+
+    last, prev = _slots(c)  # the same selects map slots back to (last, previous)
+    return c._replace(last_avg=last, prev_avg=prev, total=restarted(c.total),
+                      total_sq=restarted(c.total_sq), count=restarted(c.count),
+                      in_block=restarted(c.in_block), g_sum=restarted(c.g_sum),
+                      g_sq=restarted(c.g_sq))
+
+
+def _slots(c: ConvState):
+    """``(last_avg, prev_avg)`` exchanged when the last complete block's index
+    (``n_blocks - 1``) is odd: maps (last, previous) to (even slot, odd slot) and back."""
+    swap = c.n_blocks % 2 == 0
+
+    def pick(a, b):
+        return jax.tree_util.tree_map(lambda x, y: jnp.where(swap, y, x), a, b)
+
+    return pick(c.last_avg, c.prev_avg), pick(c.prev_avg, c.last_avg)
+
+
+_BLOCK_FIELDS = ("prev_mean", "prev_var", "has_prev", "streak", "converged", "last_avg",
+                 "prev_avg", "prev_g_sum", "prev_g_sq", "prev_count", "best_mean", "best_var",
+                 "n_blocks", "grad_ratio", "grad_threshold", "loss_drop", "loss_noise",
+                 "loss_rise", "hist_mean", "hist_var")
+"""The fields of :class:`ConvState` that change only at a block's end."""
+
+
+def _close_block(rule: Convergence, c: ConvState, step, first_chunk_end, ratio,
+                 floor) -> tuple:
+    """The :data:`_BLOCK_FIELDS` once the block whose sums ``c`` holds (this step included)
+    is complete: its figures, the three criteria (``ratio`` and ``floor`` from
+    :func:`_gradient_test`), the stop decision."""
+    dtype = c.total.dtype
+    n = jnp.maximum(c.count, 1).astype(dtype)
+    mean = c.total / n
+    var = jnp.maximum(c.total_sq / n - mean * mean, 0.0) * n / jnp.maximum(n - 1.0, 1.0)
     se = jnp.sqrt((c.prev_var + var) / rule.window)
     noise = rule.z * se + rule.rtol * jnp.abs(mean)
     drop = c.prev_mean - mean
@@ -255,59 +284,84 @@ def update_conv_state(rule: Convergence, c: ConvState, loss, params, grads, step
     old_noise = rule.z * jnp.sqrt((old_var + var) / rule.window) + rule.rtol * jnp.abs(mean)
     # (so no fit stops before LAG + 1 blocks)
     long_stalled = (c.n_blocks >= LAG) & (old_mean - mean < old_noise)
-    stalled = c.has_prev & (count > 1) & (drop < noise) & long_stalled
+    stalled = c.has_prev & (c.count > 1) & (drop < noise) & long_stalled
     rise = mean - c.best_mean
     not_rising = rise <= rule.z * jnp.sqrt((c.best_var + var) / rule.window) \
         + rule.rtol * jnp.abs(mean)
-    if jax.default_backend() == "cpu":
-        # the test reads every parameter: on the CPU a branch taken once a block is cheaper
-        # than computing it every step (on an accelerator a branch costs a host round trip
-        # per step, so it is computed every step and selected)
-        ratio, floor = jax.lax.cond(
-            end, lambda: _gradient_test(c, g_sum, g_sq, count, dtype),
-            lambda: (jnp.zeros((), dtype), jnp.zeros((), dtype)))
-    else:
-        ratio, floor = _gradient_test(c, g_sum, g_sq, count, dtype)
     threshold = (rule.tol / math.sqrt(1.0 + rule.noise_ratio) if rule.noise_ratio
                  else rule.tol) + floor
     small_gradient = c.has_prev & ((ratio <= threshold) | (not rule.gradient_test))
     passed = stalled & not_rising & small_gradient
-    streak = jnp.where(end, jnp.where(passed, c.streak + 1, 0), c.streak)
+    streak = jnp.where(passed, c.streak + 1, 0)
     may_stop = (step + 1 >= rule.min_steps) & (step + 1 > first_chunk_end)
-    converged = c.converged | (end & (streak >= rule.patience) & may_stop)
-    better = end & (count > 1) & (mean < c.best_mean)
+    better = (c.count > 1) & (mean < c.best_mean)
+    odd = c.n_blocks % 2 == 1  # this block's index: it writes its own slot
 
-    def at_end(new, old):
-        return jnp.where(end, new, old)
+    def own_slot(mine, slot_avg):
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(mine, a, b), c.block_avg,
+                                      slot_avg)
 
-    def tree_at_end(new, old):
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(end, a, b), new, old)
-
-    zero = jnp.zeros((), dtype)
-    zero_i = jnp.zeros((), jnp.int32)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, g_sum)
-    return ConvState(
-        total=at_end(zero, total), total_sq=at_end(zero, total_sq),
-        count=at_end(zero_i, count), in_block=at_end(zero_i, in_block),
-        prev_mean=at_end(mean, c.prev_mean), prev_var=at_end(var, c.prev_var),
-        has_prev=c.has_prev | end, streak=streak, converged=converged,
-        # at a block's end its average becomes the last complete block's; the next block's
-        # average restarts from its first iterate (n = 1)
-        block_avg=block_avg, last_avg=tree_at_end(block_avg, c.last_avg),
-        prev_avg=tree_at_end(c.last_avg, c.prev_avg),
-        g_sum=tree_at_end(zeros, g_sum), g_sq=tree_at_end(zeros, g_sq),
-        prev_g_sum=tree_at_end(g_sum, c.prev_g_sum), prev_g_sq=tree_at_end(g_sq, c.prev_g_sq),
-        prev_count=at_end(count, c.prev_count),
+    new = dict(
+        prev_mean=mean, prev_var=var, has_prev=jnp.ones_like(c.has_prev), streak=streak,
+        converged=c.converged | ((streak >= rule.patience) & may_stop),
+        last_avg=own_slot(~odd, c.last_avg), prev_avg=own_slot(odd, c.prev_avg),
+        prev_g_sum=c.g_sum, prev_g_sq=c.g_sq, prev_count=c.count,
         best_mean=jnp.where(better, mean, c.best_mean),
-        best_var=jnp.where(better, var, c.best_var),
-        n_blocks=c.n_blocks + end.astype(jnp.int32),
-        grad_ratio=at_end(jnp.where(c.has_prev, ratio, jnp.nan), c.grad_ratio),
-        grad_threshold=at_end(threshold, c.grad_threshold),
-        loss_drop=at_end(jnp.where(c.has_prev, drop, jnp.nan), c.loss_drop),
-        loss_noise=at_end(noise, c.loss_noise),
-        loss_rise=at_end(rise, c.loss_rise),
-        hist_mean=jnp.where(end, c.hist_mean.at[slot].set(mean), c.hist_mean),
-        hist_var=jnp.where(end, c.hist_var.at[slot].set(var), c.hist_var))
+        best_var=jnp.where(better, var, c.best_var), n_blocks=c.n_blocks + 1,
+        grad_ratio=jnp.where(c.has_prev, ratio, jnp.nan), grad_threshold=threshold,
+        loss_drop=jnp.where(c.has_prev, drop, jnp.nan), loss_noise=noise, loss_rise=rise,
+        hist_mean=c.hist_mean.at[slot].set(mean), hist_var=c.hist_var.at[slot].set(var))
+    return tuple(new[f] for f in _BLOCK_FIELDS)
+
+
+def update_conv_state(rule: Convergence, c: ConvState, loss, params, grads, step,
+                      first_chunk_end, active) -> ConvState:
+    """One step's update of ``c`` in :func:`enter_chunk`'s layout; ``step`` is the step just
+    taken; ``loss`` is NaN (and ``grads`` ignored) for a skipped step.
+
+    Per step: the running sums of the loss, the gradient and the iterates. A block's end (once
+    per ``window`` steps) reads every parameter: on the CPU it is a branch, whose untaken side
+    passes the block's fields through; on an accelerator a branch costs a host round trip per
+    step, so it is computed every step and selected."""
+    finite = jnp.isfinite(loss) & active
+    dtype = loss.dtype
+    fresh = c.in_block == rule.window  # the previous step ended a block: its sums restart
+
+    def restart(v):
+        return jnp.where(fresh, jnp.zeros_like(v), v)
+
+    x = jnp.where(finite, loss, 0.0)
+    in_block = restart(c.in_block) + active.astype(jnp.int32)
+    n_in = in_block.astype(dtype)
+    block_avg = jax.tree_util.tree_map(
+        lambda a, p: jnp.where(active, a + (p - a) / jnp.maximum(n_in, 1.0), a),
+        c.block_avg, params)
+    g = jax.tree_util.tree_map(lambda v: jnp.where(finite, v, 0.0), grads)
+    c = c._replace(
+        total=restart(c.total) + x, total_sq=restart(c.total_sq) + x * x,
+        count=restart(c.count) + finite.astype(jnp.int32), in_block=in_block,
+        block_avg=block_avg,
+        g_sum=jax.tree_util.tree_map(lambda s, v: restart(s) + v, c.g_sum, g),
+        g_sq=jax.tree_util.tree_map(lambda s, v: restart(s) + v * v, c.g_sq, g))
+    end = active & (in_block == rule.window)
+    block = tuple(getattr(c, f) for f in _BLOCK_FIELDS)
+    running = c._replace(**{f: None for f in _BLOCK_FIELDS})
+
+    def close(block, running, test):
+        return _close_block(rule, running._replace(**dict(zip(_BLOCK_FIELDS, block, strict=True))),
+                            step, first_chunk_end, *test)
+
+    if jax.default_backend() == "cpu":
+        # two branches: the gradient test reads the previous block's sums, the close
+        # overwrites them; apart, neither needs a copy of them
+        test = jax.lax.cond(end, lambda c: _gradient_test(c, c.g_sum, c.g_sq, c.count, dtype),
+                            lambda c: (jnp.zeros((), dtype), jnp.zeros((), dtype)), c)
+        block = jax.lax.cond(end, close, lambda block, *_: block, block, running, test)
+    else:
+        test = _gradient_test(c, c.g_sum, c.g_sq, c.count, dtype)
+        block = jax.tree_util.tree_map(lambda a, b: jnp.where(end, a, b),
+                                       close(block, running, test), block)
+    return c._replace(**dict(zip(_BLOCK_FIELDS, block, strict=True)))
 
 
 def block_params(c: ConvState):
