@@ -46,6 +46,16 @@ def _as_shape(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
+def _normalise_declaration(decl: Any) -> None:
+    """A latent's or parameter's shape as a tuple of ints, and its support checked."""
+    object.__setattr__(decl, "shape", _as_shape(decl.shape))
+    if not isinstance(decl.support, constraints.Constraint):
+        raise TypeError(
+            "support must be a numpyro constraint (numpyro.distributions.constraints), "
+            f"got {decl.support!r}"
+        )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Latent:
     """Declaration of one latent variable.
@@ -67,12 +77,7 @@ class Latent:
     support: constraints.Constraint = dataclasses.field(default_factory=lambda: constraints.real)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", _as_shape(self.shape))
-        if not isinstance(self.support, constraints.Constraint):
-            raise TypeError(
-                "support must be a numpyro constraint (numpyro.distributions.constraints), "
-                f"got {self.support!r}"
-            )
+        _normalise_declaration(self)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -102,12 +107,7 @@ class Param:
     support: constraints.Constraint = dataclasses.field(default_factory=lambda: constraints.real)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", _as_shape(self.shape))
-        if not isinstance(self.support, constraints.Constraint):
-            raise TypeError(
-                "support must be a numpyro constraint (numpyro.distributions.constraints), "
-                f"got {self.support!r}"
-            )
+        _normalise_declaration(self)
 
 
 def _bounds(support: constraints.Constraint) -> tuple[Any, Any] | None:
