@@ -62,7 +62,10 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("model", [NORMAL, FLAKY], ids=["normal", "nan-draws"])
-@pytest.mark.parametrize("chunk", [37, 130, 150])  # 1 group, 3 of 44 (+2 padding), 3 of 50
+# 1 group, 3 of 44 (+2 padding), 3 of 50; the default suite keeps the padded case (130), the
+# others run under the slow marker (each case compiles two programs)
+@pytest.mark.parametrize("chunk", [pytest.param(37, marks=pytest.mark.slow), 130,
+                                   pytest.param(150, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("rule", [RULE, STOPS], ids=["runs", "stops"])
 def test_chunk_length_changes_no_decision(model, chunk, rule):
     ref, ref_losses = _run(model, 1, 600, rule)
