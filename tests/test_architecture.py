@@ -15,7 +15,7 @@ LAYERS = (
     # (the cycle test keeps those imports one-way) and the layers below it
     ("foundations", ("vijax.version", "vijax.optim", "vijax.psis", "vijax.curvature",
                      "vijax.estimators", "vijax.convergence", "vijax.datasets", "vijax.data",
-                     "vijax.stream")),
+                     "vijax.stream", "vijax.nets")),
     ("model", ("vijax.model",)),
     ("target", ("vijax.target",)),
     ("model front ends", ("vijax.numpyro_data", "vijax.numpyro_sites",
