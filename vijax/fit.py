@@ -13,6 +13,7 @@ import optax
 
 from vijax.checks import DEFAULT_CHUNK, DEFAULT_STEPS, check_fit_options
 from vijax.driver import family_defaults, fit_single
+from vijax.driver_local import fit_local
 from vijax.guides.ladder import Ladder
 from vijax.guides.laplace import Laplace
 from vijax.guides.resolve import resolve_spec
@@ -192,7 +193,21 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         spec, estimator, optimizer = resume.guide_spec, resume.estimator, resume.optimizer
         num_particles = resume.diagnostics.num_particles
         dtype = jax.tree_util.tree_leaves(resume.params)[0].dtype
-    else:
+    if target.locals is not None:  # local latents: vijax.driver_local
+        if init_from is not None:
+            raise ValueError("init_from is not available for a model with local latents; "
+                             "use init= for the global latents, or resume= to continue")
+        if num_particles is None:
+            num_particles = 1 if resume is None else num_particles
+        return fit_local(model, data, spec if resume is not None else guide,
+                         lambda g: _single_spec(resolve_spec("auto" if g is None else g),
+                                                target, True),
+                         steps=steps, optimizer=optimizer, key=key,
+                         num_particles=num_particles, init=init, average=average,
+                         chunk_size=chunk_size, dtype=dtype, estimator=estimator, rule=rule,
+                         max_consecutive=max_consecutive, progress=progress, resume=resume,
+                         **feed_kw)
+    if resume is None:
         spec = resolve_spec("auto" if guide is None else guide)
         precondition = resolve_precondition(precondition)
         if single:

@@ -80,19 +80,27 @@ def _all_finite(tree) -> jax.Array:
     return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
 
 
-def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype):
-    """The step's data, the objective's ``(scale, kl_weight)`` and the next data position."""
+def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype, rows_needed=False):
+    """The step's data (with its row indices, ``(batch, rows)``, when ``rows_needed``), the
+    objective's ``(scale, kl_weight)`` and the next data position."""
     mb = feed.minibatch
     n = feed_args["n"] if mb is not None else None
     pos = state.data_pos
     if mb is None:
         batch, scale = data, jnp.ones((), dtype)
+        rows = jnp.arange(jax.tree_util.tree_leaves(data)[0].shape[0], dtype=jnp.int32) \
+            if rows_needed else None
+    elif mb.streamed:  # (a stream has no per-row guide tables: the rows are not needed)
+        batch, scale = xs, n.astype(dtype) / mb.batch_size
+        rows = jnp.zeros((mb.batch_size,), jnp.int32)
+        pos = advance(mb, pos, n)
     else:
-        batch = xs if mb.streamed else take(data, device_indices(mb, pos, feed_args["seed"], n))
+        rows = device_indices(mb, pos, feed_args["seed"], n)
+        batch = take(data, rows)
         scale = n.astype(dtype) / mb.batch_size
         pos = advance(mb, pos, n)
     kl = kl_weight_at(feed.kl, state.step, state.data_pos, mb, n, dtype)
-    return batch, (scale, kl), pos
+    return ((batch, rows) if rows_needed else batch), (scale, kl), pos
 
 
 def _step(objective, optimizer, rule, data, step_key, total_steps, avg_start, first_chunk_end,
@@ -105,7 +113,8 @@ def _step(objective, optimizer, rule, data, step_key, total_steps, avg_start, fi
         data_pos = state.data_pos
     else:
         dtype = jax.tree_util.tree_leaves(state.params)[0].dtype
-        batch, weights, data_pos = _batch(feed, data, feed_args, xs, state, dtype)
+        batch, weights, data_pos = _batch(feed, data, feed_args, xs, state, dtype,
+                                          objective.needs_rows)
         (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1,
                                                       has_aux=True)(
             step_key, state.params, batch, state.est_state, weights)

@@ -66,6 +66,17 @@ class Latent:
         support: a numpyro constraint (``constraints.real``, ``positive``, ``interval(a, b)``,
             ``simplex``, ``lower_cholesky``, ...). vijax maps the real line onto it with
             ``numpyro.distributions.transforms.biject_to`` and adds the log-Jacobian.
+        local: one value per observation (a *local* latent, e.g. a VAE's code or a label):
+            ``shape`` is one observation's; the model's ``log_likelihood(z, data)``
+            receives ``z[name]`` of shape ``(B,) + shape`` for a batch of B rows, and must
+            include the latent's own prior in its per-row values. Local latents are never
+            part of the global vector; their guide is per observation
+            (:class:`vijax.guides.Amortized`, the default, or
+            :class:`vijax.guides.LocalTable`). Factorised models only.
+        observed: (local discrete latents) the data key holding the latent's value where
+            it is observed: rows whose value lies in the support are observed (e.g. the
+            labelled rows of semi-supervised learning), rows with any other value (e.g.
+            -1) are inferred.
 
     Example:
         >>> from numpyro.distributions import constraints
@@ -75,9 +86,21 @@ class Latent:
 
     shape: tuple[int, ...] = ()
     support: constraints.Constraint = dataclasses.field(default_factory=lambda: constraints.real)
+    local: bool = False
+    observed: str | None = None
 
     def __post_init__(self) -> None:
         _normalise_declaration(self)
+        if not isinstance(self.local, bool):
+            raise TypeError(f"local must be True or False, got {self.local!r}")
+        if self.observed is not None:
+            if not isinstance(self.observed, str):
+                raise TypeError(f"observed must be the name of a data key (a str), got "
+                                f"{self.observed!r}")
+            if not (self.local and self.support.is_discrete):
+                raise ValueError(f"observed={self.observed!r} marks a partly observed local "
+                                 "discrete latent (e.g. labels in semi-supervised learning); "
+                                 "declare it with local=True and a discrete support")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -270,6 +293,12 @@ class Model:
             fn = getattr(self, fname)
             if fn is not None and not callable(fn):
                 raise TypeError(f"{fname} must be callable, got {fn!r}")
+        local = [n for n, lat in self.latents.items() if lat.local]
+        if local and not factorised:
+            raise ValueError(f"latent {local[0]!r} is local (one value per observation), which "
+                             "needs the factorised form: give log_prior(z) (global latents) "
+                             "and log_likelihood(z, data) -> one value per observation, "
+                             "including each local latent's prior, instead of one log_joint")
         if self.target is None:
             object.__setattr__(self, "target", Target.from_model(self))
 

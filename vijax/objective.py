@@ -57,12 +57,15 @@ class Objective(NamedTuple):
         loss: ``(key, params, data, state) -> (scalar loss, new state)``.
         init_state: ``dtype -> state``, the estimator's initial loop state.
         estimator: what was chosen, in words (recorded in the result's diagnostics).
+        needs_rows: the loss's data is ``(batch, rows)``, the batch's row indices beside it
+            (local latents: per-row guide tables).
     """
 
     name: str
     loss: Callable[[jax.Array, Any, Any, Any], tuple[jax.Array, Any]]
     init_state: Callable[[Any], Any]
     estimator: str
+    needs_rows: bool = False
 
 
 def _rloo(f: jax.Array) -> jax.Array:

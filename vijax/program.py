@@ -17,14 +17,17 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vijax.convergence import Convergence
 from vijax.data import Feed
 from vijax.guides.base import Guide
+from vijax.guides.local import LocalSpec, build_local, example_row, lift_global
 from vijax.guides.resolve import build_guide
 from vijax.loop import init_state, make_chunk_runner
 from vijax.objective import Objective, make_objective
+from vijax.objective_local import make_local_objective
 from vijax.result import _weighted_sampler
 from vijax.start import _init_finder
 
@@ -92,6 +95,8 @@ def compile_problem(problem: Problem) -> Program:
     piece compiled by ``jax.jit`` on its first call."""
     target, feed, rule, optimizer = problem.target, problem.feed, problem.rule, \
         problem.optimizer
+    if isinstance(problem.spec, LocalSpec):
+        return _compile_local(problem)
     guide = build_guide(problem.spec, target)
     if feed is None:
         objective = make_objective(target, guide, problem.estimator, problem.num_particles)
@@ -113,6 +118,44 @@ def compile_problem(problem: Problem) -> Program:
         return tries, theta, ok, state, k_loop
 
     restart = jax.jit(lambda params: init_state(  # warm starts
+        params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
+        rule, feed))
+    return Program(problem, guide, objective, start, runner, restart)
+
+
+def _compile_local(problem: Problem) -> Program:
+    """The program of a model with local latents (:mod:`vijax.objective_local`): the global
+    family lifted to ``params["global"]``, one factor per local latent; the initial point is
+    ``fixed`` where given and 0 elsewhere (no search: the local latents have no mode of
+    their own before the encoders are trained)."""
+    target, feed, rule, optimizer, spec = problem.target, problem.feed, problem.rule, \
+        problem.optimizer, problem.spec
+    gguide = build_guide(spec.global_spec, target)
+    factors = build_local(spec, target, example_row(spec.row))
+    objective = make_local_objective(target, gguide, factors, problem.estimator,
+                                     problem.num_particles, kl_weighted=feed.kl is not None)
+    guide = lift_global(gguide)
+    runner = make_chunk_runner(objective, optimizer, problem.chunk_len, rule, feed)
+    row = example_row(spec.row)
+
+    def params_at(key, theta):
+        k_guide, *keys = jax.random.split(key, len(factors) + 1)
+        local = {f.name: f.init(k, jax.tree_util.tree_map(
+            lambda a: a.astype(theta.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+            row), spec.n_rows, theta.dtype) for f, k in zip(factors, keys, strict=True)}
+        gparams = {"global": gguide.init(k_guide, theta), "local": local}
+        return (gparams, target.param_init(theta.dtype)) if target.params else gparams
+
+    @jax.jit
+    def start(key, data, fixed, mask):
+        del data
+        k_init, k_loop = jax.random.split(key)
+        theta = jnp.where(mask, fixed, jnp.zeros_like(fixed))
+        params = params_at(k_init, theta)
+        state = init_state(params, optimizer, objective.init_state(theta.dtype), rule, feed)
+        return jnp.ones((), jnp.int32), theta, jnp.array(True), state, k_loop
+
+    restart = jax.jit(lambda params: init_state(
         params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
         rule, feed))
     return Program(problem, guide, objective, start, runner, restart)

@@ -29,6 +29,8 @@ import numpy as np
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import IdentityTransform, Transform, biject_to
 
+from vijax.locals import local_layout
+
 __all__ = ["Target", "LatentBlock", "DiscreteBlock", "ParamBlock", "MAX_NUM_VALUES"]
 
 # largest number of values of a discrete latent's element (its guide holds one logit per value)
@@ -179,12 +181,15 @@ class Target:
     params: tuple[ParamBlock, ...] = ()
     log_prior: Callable[[dict], Any] | None = None
     log_likelihood: Callable[[dict, Any], Any] | None = None
+    locals: Any = None  # vijax.locals.LocalLayout of the local latents, or None
 
     @classmethod
     def from_model(cls, model) -> Target:
         blocks, offset = [], 0
         finite = []
         for name, lat in model.latents.items():
+            if lat.local:
+                continue
             if lat.support.is_discrete:
                 finite.append((name, lat, *_finite_range(name, lat.support)))
                 continue
@@ -201,8 +206,9 @@ class Target:
             transform, unc_shape = _make_transform(name, par.shape, par.support)
             init = None if par.init is None else np.asarray(par.init, np.float64)
             params.append(ParamBlock(name, par.shape, unc_shape, transform, par.support, init))
+        locals_ = local_layout(model.latents, _make_transform, _finite_range)
         return cls(tuple(blocks), dim, model.log_density, tuple(discrete), tuple(params),
-                   model.log_prior, model.log_likelihood)
+                   model.log_prior, model.log_likelihood, locals_)
 
     @property
     def param_names(self) -> tuple[str, ...]:
