@@ -4,11 +4,12 @@ Models are pure functions of a dict of latent values; guides are built automatic
 ELBO is optimised by any Optax optimizer inside one compiled loop.
 """
 
-from vijax import datasets, estimators, guides
+from vijax import datasets, estimators, guides, nets
 from vijax.checks import prepare_data
 from vijax.convergence import Convergence, ConvergenceWarning
 from vijax.fit import fit
 from vijax.io import load
+from vijax.local_result import importance_log_likelihood, local_posterior
 from vijax.many import FitManyResult, fit_many
 from vijax.model import Latent, Model, ModelWarning, Param, model
 from vijax.numpyro_adapter import from_numpyro
@@ -25,6 +26,6 @@ __all__ = [
     "Summary",
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
     "load", "predictive", "Convergence", "ConvergenceWarning", "Precondition", "NonFiniteError",
-    "fit_many", "FitManyResult",
+    "fit_many", "FitManyResult", "nets", "importance_log_likelihood", "local_posterior",
     "ModelWarning", "__version__",
 ]

@@ -6,6 +6,7 @@ weights), and a per-row importance check in place of the global PSIS check
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from vijax.driver import _assemble, _progress_bar, _resumable_state, _skipped_be
 from vijax.feeding import _chunk_args, _data_feed, _epochs, _feed_args
 from vijax.guides.amortized import LocalTable
 from vijax.guides.local import LocalSpec, example_row, resolve_local_spec, row_signature
+from vijax.local_weights import row_check
 from vijax.loop import stopped
 from vijax.model import Model
 from vijax.program import Problem, compile_problem
@@ -96,7 +98,8 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
               key: Any,
               num_particles: int, init, average: float, chunk_size: int, dtype: Any,
               estimator, rule: Convergence | None, max_consecutive: int,
-              progress: bool | None, resume: FitResult | None = None,
+              progress: bool | None, psis_draws: int | None = None,
+              resume: FitResult | None = None,
               batch_size: int | None = None, shuffle: str = "epoch", stream: bool = False,
               kl_weight: Any = None) -> FitResult:
     """The single-family driver (:func:`vijax.driver.fit_single`) for a model with local
@@ -186,6 +189,12 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
     res = _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
                     theta0, k_loop, estimator, num_particles, wall, begin + steps,
                     "converged" if converged else "max_steps", None, feed)
+    if psis_draws != 0:
+        med, _, reading, draws = row_check(
+            res, data if host is None else host.gather(np.arange(min(host.n, 4096))),
+            jax.random.fold_in(key, 7), num_samples=min(psis_draws or 1000, 1000))
+        res = dataclasses.replace(res, diagnostics=res.diagnostics._replace(
+            k_hat=med, k_hat_reading=reading, psis_draws=draws))
     warn_if_untrusted(res, stacklevel=4)
     return res
 

@@ -205,7 +205,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
                          steps=steps, optimizer=optimizer, key=key,
                          num_particles=num_particles, init=init, average=average,
                          chunk_size=chunk_size, dtype=dtype, estimator=estimator, rule=rule,
-                         max_consecutive=max_consecutive, progress=progress, resume=resume,
+                         max_consecutive=max_consecutive, progress=progress,
+                         psis_draws=None if psis_default else psis_draws, resume=resume,
                          **feed_kw)
     if resume is None:
         spec = resolve_spec("auto" if guide is None else guide)

@@ -1,5 +1,6 @@
 """Guide families: each a small module behind the :class:`Guide` interface."""
 
+from vijax.guides.amortized import Amortized, LocalTable
 from vijax.guides.base import Guide, softplus, softplus_inverse
 from vijax.guides.coupling import RealNVP, Spline
 from vijax.guides.delta import Delta
@@ -13,7 +14,8 @@ from vijax.guides.resolve import GUIDE_NAMES, build_guide, resolve_spec
 from vijax.guides.structured import Structured
 from vijax.guides.whitened import Whitened, whitening
 
-__all__ = ["Guide", "Delta", "MeanField", "LowRank", "FullRank", "IAF", "Spline", "RealNVP",
+__all__ = ["Guide", "Amortized", "LocalTable", "Delta", "MeanField", "LowRank", "FullRank",
+           "IAF", "Spline", "RealNVP",
            "Laplace", "Ladder", "Whitened", "whitening",
            "Structured", "GUIDE_NAMES",
            "build_guide", "resolve_spec", "softplus", "softplus_inverse"]
