@@ -95,9 +95,11 @@ class Summary(Mapping):
     the latent's shape.
     """
 
-    def __init__(self, stats: dict[str, dict[str, np.ndarray]], n_draws: int):
+    def __init__(self, stats: dict[str, dict[str, np.ndarray]], n_draws: int,
+                 notes: tuple[str, ...] = ()):
         self._stats = stats
         self.n_draws = n_draws
+        self.notes = tuple(notes)
 
     def __getitem__(self, name):
         return self._stats[name]
@@ -126,7 +128,9 @@ class Summary(Mapping):
         lines = [head, "-" * len(head)]
         for r in rows:
             lines.append(f"{r[0]:<{width}} " + " ".join(f"{v:>10.4g}" for v in r[1:]))
-        lines.append(f"({self.n_draws} draws from the fitted guide)")
+        lines.append(f"({self.n_draws} draws from the fitted guide)" if rows else
+                     "(no global latents)")
+        lines.extend(self.notes)
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -180,6 +184,16 @@ class FitResult:
     @property
     def target(self):
         return self.model.target
+
+    def __repr__(self) -> str:
+        d = self.diagnostics
+        return (f"FitResult(guide={self.guide.name!r}, objective={d.objective!r}, "
+                f"steps={d.n_steps}, stop={d.stop_reason!r}, final_loss={d.final_loss:.6g}, "
+                f"k_hat={d.k_hat:.3g}, latents={list(self.target.all_names)}"
+                + (f", local={list(self.target.locals.names)}" if self.target.locals
+                   is not None else "")
+                + (f", params={list(self.target.param_names)}" if self.target.params else "")
+                + ")")
 
     @property
     def model_params(self) -> dict[str, jax.Array]:
@@ -261,7 +275,20 @@ class FitResult:
             q = np.quantile(d, _QUANTILES, axis=0)
             stats[name] = {"mean": d.mean(0), "sd": d.std(0, ddof=1) if n > 1 else
                            np.zeros(d.shape[1:]), "q05": q[0], "q50": q[1], "q95": q[2]}
-        return Summary(stats, int(n))
+        return Summary(stats, int(n), self._summary_notes())
+
+    def _summary_notes(self) -> tuple[str, ...]:
+        notes = []
+        target = self.model.target
+        if target.params:
+            mp = self.model_params
+            notes.append("model parameters (point estimates, res.model_params): " + ", ".join(
+                f"{k} {tuple(np.shape(v))}" if np.size(v) > 4 else
+                f"{k}={np.array2string(np.asarray(v), precision=4)}" for k, v in mp.items()))
+        if target.locals is not None:
+            notes.append("local latents (one per observation; vj.local_posterior(res, data)): "
+                         + ", ".join(f"{b.name} {b.shape}" for b in target.locals.blocks))
+        return tuple(notes)
 
     # --- PSIS ----------------------------------------------------------------------------------
     def psis(self, key: jax.Array | None = None, n: int = 4000, data: Any = None):
