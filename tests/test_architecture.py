@@ -21,7 +21,7 @@ LAYERS = (
     ("model front ends", ("vijax.numpyro_data", "vijax.numpyro_sites",
                           "vijax.numpyro_subsample", "vijax.numpyro_adapter")),
     ("guides", ("vijax.guides", "vijax.guides.*")),
-    ("objective", ("vijax.objective", "vijax.objective_local")),
+    ("objective", ("vijax.objective", "vijax.objective_local", "vijax.objective_wake_sleep")),
     ("loop", ("vijax.loop",)),
     ("preconditioning", ("vijax.precondition",)),
     # what FitResult's methods call (res.plot, res.to_arviz, res.save): duck-typed on the

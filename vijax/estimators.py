@@ -17,6 +17,11 @@ built from it lives in :mod:`vijax.objective`. Names and objects:
   ``neg_elbo`` (``neg_iwae_bound`` with ``baseline="vimco"``).
 - ``"auto"`` / ``Auto()`` (the default): ``reparam`` for continuous latents, the score
   function for discrete ones; ``neg_elbo``.
+- ``"rws"`` / ``RWS()``: reweighted wake-sleep (Bornschein & Bengio 2015), models with local
+  latents and model parameters (Helmholtz machines); ``neg_iwae_bound``
+  (:mod:`vijax.objective_wake_sleep`).
+- ``WakeSleep(sample)``: classic wake-sleep (Hinton et al. 1995): the guide is trained on
+  ``(z, x)`` dreamed by the user's ``sample`` from the model; ``neg_elbo``.
 
 Discrete latents never get a pathwise gradient: with every estimator their (categorical)
 guide is trained by the score function, with a leave-one-out baseline across particles
@@ -31,10 +36,11 @@ IWAE bound with VIMCO baselines) or ``None``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Reparam", "STL", "IWAE", "DReG", "Renyi", "Score", "Auto", "ESTIMATOR_NAMES",
-           "resolve_estimator", "BASELINES"]
+__all__ = ["Reparam", "STL", "IWAE", "DReG", "Renyi", "Score", "Auto", "RWS", "WakeSleep",
+           "ESTIMATOR_NAMES", "resolve_estimator", "BASELINES"]
 
 BASELINES = ("rloo", "ema", "vimco", None)
 
@@ -138,20 +144,82 @@ class Auto:
     multi_sample = False
 
 
+@dataclasses.dataclass(frozen=True)
+class RWS:
+    """Reweighted wake-sleep (Bornschein & Bengio 2015) for models with local latents.
+
+    Per row, ``K = num_particles >= 2`` draws ``z_k ~ q(z | x)`` (no gradient through the
+    draw: discrete latents are sampled, continuous ones drawn and stopped), ``log w_k =
+    log p(x, z_k) - log q(z_k | x)``, ``wbar = softmax(log w)`` (stopped). The model's
+    parameters follow the wake-theta gradient ``sum_k wbar_k grad log p(x, z_k)`` (the IWAE
+    bound's), the guide the wake-phi gradient ``sum_k wbar_k grad log q(z_k | x)``; the loss
+    value is the negative IWAE bound ``-log mean_k w_k``. Unlike IWAE it needs no pathwise
+    or score-function gradient of the guide: discrete latents of any size are trained
+    without a baseline.
+
+    Example:
+        >>> import vijax as vj
+        >>> vj.estimators.resolve_estimator("rws")
+        RWS()
+    """
+
+    name = "rws"
+    multi_sample = True
+    alpha = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WakeSleep:
+    """Classic wake-sleep (Hinton et al. 1995) for models with local latents.
+
+    Wake phase: the model's parameters follow ``grad log p(x, z)``, ``z ~ q(z | x)`` stopped
+    (``num_particles`` draws averaged). Sleep phase: the guide follows ``grad log q(z' | x')``
+    on ``(z', x')`` dreamed from the model by ``sample``. The loss value is the negative ELBO
+    estimate on the real batch.
+
+    Args:
+        sample: ``(key, params, batch_size) -> (local latents, data batch)``: ``params`` the
+            model's constrained parameters (the dict the model receives), the latents a dict
+            of ``(batch_size,) + shape`` per local latent, the batch shaped like the real
+            data's (the same pytree, ``batch_size`` rows). Checked by tracing at build time.
+
+    Example:
+        >>> import jax, vijax as vj
+        >>> ws = vj.estimators.WakeSleep(lambda key, p, n: ({"h": jax.random.bernoulli(
+        ...     key, 0.5, (n, 3))}, jax.random.bernoulli(key, 0.5, (n, 8))))
+        >>> ws.name
+        'wake_sleep'
+    """
+
+    sample: Callable
+    name = "wake_sleep"
+    multi_sample = False
+
+    def __post_init__(self) -> None:
+        if not callable(self.sample):
+            raise TypeError(f"WakeSleep sample must be a function (key, params, batch_size) "
+                            f"-> (local latents, data batch), got {self.sample!r}")
+
+
 ESTIMATOR_NAMES = {"reparam": Reparam, "stl": STL, "iwae": IWAE, "dreg": DReG,
-                   "renyi": Renyi, "score": Score, "auto": Auto}
+                   "renyi": Renyi, "score": Score, "auto": Auto, "rws": RWS}
 
 
 def resolve_estimator(estimator: Any):
     """A configured estimator object from a name or an object (errors list the names)."""
     if isinstance(estimator, str):
+        if estimator in ("wake_sleep", "wakesleep", "ws"):
+            raise ValueError("wake-sleep needs the model's sampler for its sleep phase: pass "
+                             "estimator=vj.estimators.WakeSleep(sample), sample(key, params, "
+                             "batch_size) -> (local latents, data batch); or use "
+                             "estimator='rws' (reweighted wake-sleep, no sampler needed)")
         try:
             return ESTIMATOR_NAMES[estimator]()
         except KeyError:
             raise ValueError(f"unknown estimator {estimator!r}; valid names are "
                              f"{sorted(ESTIMATOR_NAMES)} or a configured object such as "
                              "vj.estimators.Renyi(alpha=0.5)") from None
-    if isinstance(estimator, tuple(ESTIMATOR_NAMES.values())):
+    if isinstance(estimator, (*ESTIMATOR_NAMES.values(), WakeSleep)):
         return estimator
     raise TypeError(f"estimator must be one of {sorted(ESTIMATOR_NAMES)} or a vj.estimators "
                     f"object, got {estimator!r}")

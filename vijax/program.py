@@ -28,6 +28,7 @@ from vijax.guides.resolve import build_guide
 from vijax.loop import init_state, make_chunk_runner
 from vijax.objective import Objective, make_objective
 from vijax.objective_local import make_local_objective
+from vijax.objective_wake_sleep import is_wake_sleep, make_wake_sleep_objective
 from vijax.result import _weighted_sampler
 from vijax.start import _init_finder
 
@@ -97,6 +98,10 @@ def compile_problem(problem: Problem) -> Program:
         problem.optimizer
     if isinstance(problem.spec, LocalSpec):
         return _compile_local(problem)
+    if is_wake_sleep(problem.estimator):
+        raise ValueError(f"estimator {problem.estimator.name!r} (wake-sleep) trains amortized "
+                         "guides of local latents (vj.Latent(..., local=True)); this model "
+                         "has none: use 'reparam', 'iwae' or another estimator")
     guide = build_guide(problem.spec, target)
     if feed is None:
         objective = make_objective(target, guide, problem.estimator, problem.num_particles)
@@ -132,8 +137,15 @@ def _compile_local(problem: Problem) -> Program:
         problem.optimizer, problem.spec
     gguide = build_guide(spec.global_spec, target)
     factors = build_local(spec, target, example_row(spec.row))
-    objective = make_local_objective(target, gguide, factors, problem.estimator,
-                                     problem.num_particles, kl_weighted=feed.kl is not None)
+    if is_wake_sleep(problem.estimator):  # vijax.objective_wake_sleep
+        rows = feed.minibatch.batch_size if feed.minibatch is not None else spec.n_rows
+        objective = make_wake_sleep_objective(
+            target, gguide, factors, problem.estimator, problem.num_particles,
+            specs=spec.factors, row=spec.row, batch_size=max(int(rows), 1),
+            kl_weighted=feed.kl is not None)
+    else:
+        objective = make_local_objective(target, gguide, factors, problem.estimator,
+                                         problem.num_particles, kl_weighted=feed.kl is not None)
     guide = lift_global(gguide)
     runner = make_chunk_runner(objective, optimizer, problem.chunk_len, rule, feed)
     row = example_row(spec.row)
