@@ -7,7 +7,6 @@ weights), and a per-row importance check in place of the global PSIS check
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from vijax.checks import _check_int, _check_key, _resolve_dtype, _trace
 from vijax.convergence import Convergence, ConvState, block_params
@@ -27,7 +25,7 @@ from vijax.guides.local import LocalSpec, example_row, resolve_local_spec, row_s
 from vijax.local_weights import row_check
 from vijax.loop import stopped
 from vijax.model import Model
-from vijax.optim import default_optimizer
+from vijax.optim import local_default_optimizer
 from vijax.program import Problem, compile_problem
 from vijax.result import FitResult
 from vijax.start import _fixed_init
@@ -204,30 +202,6 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
             k_hat=med, k_hat_reading=reading, psis_draws=draws))
     warn_if_untrusted(res, stacklevel=4)
     return res
-
-
-NET_LEARNING_RATE = 1e-3
-"""Adam's step for encoders, tables and model parameters in the default optimizer of a fit
-with local latents (Kingma & Welling's and Burda et al.'s setting for VAEs)."""
-
-
-@functools.lru_cache(maxsize=16)
-def local_default_optimizer(global_lr: float, has_params: bool):
-    """The default optimizer of a fit with local latents: the global family's default
-    (:func:`vijax.default_optimizer`) for ``params["global"]``, Adam at
-    :data:`NET_LEARNING_RATE` (constant) for the local guides and the model parameters.
-    Shared per configuration, so fits that use it share their compiled loop."""
-
-    def labels(params):
-        guide = params[0] if has_params else params
-        out = {"global": jax.tree_util.tree_map(lambda _: "global", guide["global"]),
-               "local": jax.tree_util.tree_map(lambda _: "net", guide["local"])}
-        if has_params:
-            return out, jax.tree_util.tree_map(lambda _: "net", params[1])
-        return out
-
-    return optax.multi_transform({"global": default_optimizer(global_lr),
-                                  "net": optax.adam(NET_LEARNING_RATE)}, labels)
 
 
 def _count(target, spec: LocalSpec, dtype) -> tuple[int, bool]:

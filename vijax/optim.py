@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["default_optimizer", "DEFAULT_LEARNING_RATE"]
+__all__ = ["default_optimizer", "DEFAULT_LEARNING_RATE", "local_default_optimizer",
+           "NET_LEARNING_RATE"]
 
 DEFAULT_LEARNING_RATE = 0.05
 
@@ -44,3 +46,27 @@ def default_optimizer(learning_rate: float = DEFAULT_LEARNING_RATE
     if not isinstance(learning_rate, int | float) or not 0 < learning_rate < float("inf"):
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
     return _adam_with_decay(float(learning_rate))
+
+
+NET_LEARNING_RATE = 1e-3
+"""Adam's step for encoders, tables and model parameters in the default optimizer of a fit
+with local latents (Kingma & Welling's and Burda et al.'s setting for VAEs)."""
+
+
+@functools.lru_cache(maxsize=16)
+def local_default_optimizer(global_lr: float, has_params: bool):
+    """The default optimizer of a fit with local latents: the global family's default
+    (:func:`vijax.default_optimizer`) for ``params["global"]``, Adam at
+    :data:`NET_LEARNING_RATE` (constant) for the local guides and the model parameters.
+    Shared per configuration, so fits that use it share their compiled loop."""
+
+    def labels(params):
+        guide = params[0] if has_params else params
+        out = {"global": jax.tree_util.tree_map(lambda _: "global", guide["global"]),
+               "local": jax.tree_util.tree_map(lambda _: "net", guide["local"])}
+        if has_params:
+            return out, jax.tree_util.tree_map(lambda _: "net", params[1])
+        return out
+
+    return optax.multi_transform({"global": default_optimizer(global_lr),
+                                  "net": optax.adam(NET_LEARNING_RATE)}, labels)
