@@ -1,27 +1,34 @@
 """Loading a fit result: the container opened and checked (:mod:`.archive`), the model's
 latents compared with the saved ones, and the result rebuilt: tree structures from the guide,
 optimizer and estimator (traced, not run), the saved leaves required to match them exactly
-(the format: :mod:`vijax.checkpoint`)."""
+(the format: :mod:`vijax.checkpoint`). A fit with local latents is rebuilt from the same
+compiled program a fit would use (:func:`vijax.program.compile_problem`): its start traced
+by ``jax.eval_shape`` gives the structures of the global and local guide parameters."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
 from vijax.checkpoint.archive import _refuse, open_archive
-from vijax.checkpoint.config import decode
+from vijax.checkpoint.config import UserEncoder, decode
 from vijax.checkpoint.write import _GROUPS, _latent_records
 from vijax.convergence import Convergence
 from vijax.data import Feed, KLWeight, Minibatch
+from vijax.guides.amortized import Amortized
+from vijax.guides.local import LocalSpec
 from vijax.guides.resolve import build_guide
 from vijax.loop import init_state
 from vijax.model import Model
 from vijax.objective import make_objective
-from vijax.optim import default_optimizer
+from vijax.optim import default_optimizer, local_default_optimizer
+from vijax.program import Problem, compile_problem
 from vijax.result import Diagnostics, FitResult
 
 __all__ = ["load"]
@@ -30,7 +37,7 @@ __all__ = ["load"]
 _STATE_RULES = (None, Convergence())
 
 
-def load(path: str | os.PathLike, model, *, optimizer=None) -> FitResult:
+def load(path: str | os.PathLike, model, *, optimizer=None, guide=None) -> FitResult:
     """Read a result written by :func:`save` (``res.save(path)``), never unpickling anything.
 
     Args:
@@ -40,6 +47,12 @@ def load(path: str | os.PathLike, model, *, optimizer=None) -> FitResult:
         optimizer: the Optax optimizer the fit used. Needed when that was not the default
             (``vj.default_optimizer`` at the guide's default learning rate, which is restored
             by itself); the saved optimizer state must fit its state structure exactly.
+        guide: for a fit with local latents whose ``vj.guides.Amortized`` encoder was your
+            own network (code, which a checkpoint does not store): the ``guide=`` dict of the
+            fit again, ``{name: vj.guides.Amortized(encoder=net, ...), ...}``. Its entries
+            for those latents supply the encoders; their other settings must equal the saved
+            ones, and the saved encoder parameters must fit the network's exactly. Other
+            entries are ignored (the rest of the guide is stored).
 
     Returns:
         A :class:`vijax.FitResult` equal to the saved one: the same arrays bit for bit
@@ -51,7 +64,8 @@ def load(path: str | os.PathLike, model, *, optimizer=None) -> FitResult:
             checkpoint; its SHA-256 does not match (corrupted or tampered); it was written in
             a newer format or by another major.minor vijax version; the model's latents
             differ; it holds members that would need pickle; a custom optimizer was used and
-            ``optimizer`` is not given, or ``optimizer``'s state does not match the saved one.
+            ``optimizer`` is not given, or ``optimizer``'s state does not match the saved one;
+            a local latent's encoder was a user network and ``guide`` does not supply it.
 
     Example:
         >>> import os, tempfile, jax, numpyro.distributions as dist, vijax as vj
@@ -71,10 +85,13 @@ def load(path: str | os.PathLike, model, *, optimizer=None) -> FitResult:
     if optimizer is not None and not (hasattr(optimizer, "init") and hasattr(optimizer,
                                                                              "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+    if guide is not None and not isinstance(guide, Mapping):
+        raise TypeError("guide must be the fit's guide= dict ({name: vj.guides.Amortized("
+                        f"encoder=...), ...}}), got {guide!r}")
     path = os.fspath(path)
     manifest, arrays = open_archive(path)
     _check_latents(path, manifest, model)
-    return _rebuild(path, manifest, arrays, model, optimizer)
+    return _rebuild(path, manifest, arrays, model, optimizer, guide)
 
 
 def _check_latents(path: str, manifest: dict, model) -> None:
@@ -197,6 +214,13 @@ def _resolve_optimizer(path: str, manifest: dict, optimizer: Any):
             raise _refuse(path, f"invalid default optimizer learning rate {lr!r} (a positive "
                                 "finite number)")
         return default_optimizer(lr)
+    if isinstance(record, dict) and record.get("kind") == "local_default":
+        lr, has_params = record.get("global_learning_rate"), record.get("has_params")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf \
+                or not isinstance(has_params, bool):
+            raise _refuse(path, f"invalid local default optimizer record {record!r} (a "
+                                "positive finite global_learning_rate, a boolean has_params)")
+        return local_default_optimizer(lr, has_params)
     if isinstance(record, dict) and record.get("kind") == "custom":
         raise _refuse(path, "the fit used a custom optimizer, which a checkpoint cannot store; "
                             "pass the same one again: vj.load(path, model, optimizer=...) (its "
@@ -267,24 +291,67 @@ def _fit_dtype(path: str, manifest: dict) -> np.dtype:
     return dtype
 
 
-def _rebuild(path: str, manifest: dict, arrays: dict[str, np.ndarray], model,
-             optimizer) -> FitResult:
-    dtype = _fit_dtype(path, manifest)
-    spec = decode(manifest.get("guide_spec"), "guide spec")
-    estimator = decode(manifest.get("estimator"), "estimator")
-    diagnostics = _diagnostics(path, manifest)
-    given = optimizer is not None
-    optimizer = _resolve_optimizer(path, manifest, optimizer)
-    target = model.target
+def _supply_encoders(path: str, spec: Any, guide: Mapping | None) -> Any:
+    """``spec`` with the user encoders that were not stored taken from ``guide``."""
+    user = [name for name, s in getattr(spec, "factors", ())
+            if isinstance(s, Amortized) and isinstance(s.encoder, UserEncoder)]
+    if guide is None:
+        if user:
+            described = ", ".join(f"{n!r} ({dict(spec.factors)[n].encoder.description})"
+                                  for n in user)
+            raise _refuse(path, f"the encoders of local latent(s) {described} were your own "
+                                "networks, which a checkpoint does not store (code, not data): "
+                                "pass the fit's guide again: vj.load(path, model, guide={"
+                                f"{user[0]!r}: vj.guides.Amortized(encoder=..., ...)}})")
+        return spec
+    if not isinstance(spec, LocalSpec):
+        raise _refuse(path, "guide= supplies the encoders of local latents, but this fit has "
+                            "no local latents (its guide is stored: leave guide= out)")
+    factors = []
+    for name, saved in spec.factors:
+        given = guide.get(name)
+        if name not in user:
+            if isinstance(given, Amortized) and given.encoder is not None:
+                raise _refuse(path, f"guide= gives local latent {name!r} an encoder network, "
+                                    f"but the saved fit used {saved!r}")
+            factors.append((name, saved))
+            continue
+        if not (isinstance(given, Amortized) and given.encoder is not None):
+            raise _refuse(path, f"local latent {name!r} was fitted with your own encoder "
+                                f"({saved.encoder.description}): guide[{name!r}] must be "
+                                f"vj.guides.Amortized(encoder=...), got {given!r}")
+        diff = [f"{f.name}={getattr(given, f.name)!r} (saved: {getattr(saved, f.name)!r})"
+                for f in dataclasses.fields(Amortized) if f.name != "encoder"
+                and getattr(given, f.name) != getattr(saved, f.name)]
+        if diff:
+            raise _refuse(path, f"guide[{name!r}] differs from the saved guide of local latent "
+                                f"{name!r}: {', '.join(diff)}")
+        factors.append((name, given))
+    return dataclasses.replace(spec, factors=tuple(factors))
+
+
+def _local_reference(path: str, spec: LocalSpec, target, estimator, num_particles: int,
+                     optimizer, feed, dtype):
+    """The lifted global guide and the structures of a fresh local fit: the program's start
+    (:func:`vijax.program.compile_problem`) traced with and without a stopping rule."""
     try:
-        guide = build_guide(spec, target)
+        programs = [compile_problem(Problem(target, spec, estimator, num_particles, optimizer,
+                                            1, rule, feed)) for rule in _STATE_RULES]
     except (TypeError, ValueError) as e:
         raise _refuse(path, f"its guide spec {spec!r} does not build for this model ({e})") \
             from None
-    theta = jax.ShapeDtypeStruct((target.full_dim,), dtype)
 
-    feed = _feed(path, manifest)
+    def reference(key, theta):
+        mask = jax.numpy.zeros(theta.shape, bool)
+        states = [p.start(key, None, theta, mask)[3] for p in programs]
+        gparams, mparams = target.split_params(states[0].params)
+        return gparams, states[0].opt_state, states, mparams
 
+    return programs[0].guide, reference
+
+
+def _global_reference(guide, target, estimator, diagnostics: Diagnostics, optimizer, feed,
+                      dtype):
     def reference(key, theta):  # the structures a fresh fit would have (traced, not run)
         gparams = guide.init(key, theta)
         mparams = target.param_init(dtype) if target.params else None
@@ -296,6 +363,34 @@ def _rebuild(path: str, manifest: dict, arrays: dict[str, np.ndarray], model,
             init_state(params, optimizer, est_state, rule, feed) for rule in _STATE_RULES], \
             mparams
 
+    return reference
+
+
+def _rebuild(path: str, manifest: dict, arrays: dict[str, np.ndarray], model,
+             optimizer, guide_arg: Mapping | None = None) -> FitResult:
+    dtype = _fit_dtype(path, manifest)
+    spec = _supply_encoders(path, decode(manifest.get("guide_spec"), "guide spec"), guide_arg)
+    estimator = decode(manifest.get("estimator"), "estimator")
+    diagnostics = _diagnostics(path, manifest)
+    given = optimizer is not None
+    optimizer = _resolve_optimizer(path, manifest, optimizer)
+    target = model.target
+    theta = jax.ShapeDtypeStruct((target.full_dim,), dtype)
+    feed = _feed(path, manifest)
+    if isinstance(spec, LocalSpec):
+        if not target.locals:
+            raise _refuse(path, "it is a fit with local latents but the model has none")
+        guide, reference = _local_reference(path, spec, target, estimator,
+                                            diagnostics.num_particles or 1, optimizer, feed,
+                                            dtype)
+    else:
+        try:
+            guide = build_guide(spec, target)
+        except (TypeError, ValueError) as e:
+            raise _refuse(path, f"its guide spec {spec!r} does not build for this model "
+                                f"({e})") from None
+        reference = _global_reference(guide, target, estimator, diagnostics, optimizer, feed,
+                                      dtype)
     try:
         ref_params, ref_opt, ref_states, ref_mparams = jax.eval_shape(
             reference, jax.random.key(0), theta)

@@ -14,7 +14,7 @@ import numpy as np
 
 from vijax.checkpoint.archive import FORMAT, FORMAT_VERSION, _digest, _storable, write_archive
 from vijax.checkpoint.config import encode
-from vijax.optim import DEFAULT_LEARNING_RATE, default_optimizer
+from vijax.optim import DEFAULT_LEARNING_RATE, default_optimizer, local_default_optimizer
 from vijax.version import __version__
 
 if TYPE_CHECKING:  # annotations only: vijax.result imports this module
@@ -76,11 +76,24 @@ class _Packer:
 
 
 def _optimizer_record(res: FitResult) -> dict:
-    lrs = (getattr(res.guide_spec, "default_learning_rate", DEFAULT_LEARNING_RATE),
+    """``{"kind": "default", "learning_rate"}``, ``{"kind": "local_default",
+    "global_learning_rate", "has_params"}`` (:func:`vijax.optim.local_default_optimizer`, the
+    default of a fit with local latents) or ``{"kind": "custom"}``: the defaults are
+    recognised by identity with the shared object of the spec's learning rate."""
+    spec = res.guide_spec
+    lrs = (getattr(spec, "default_learning_rate", DEFAULT_LEARNING_RATE),
            DEFAULT_LEARNING_RATE)
     for lr in dict.fromkeys(lrs):
         if res.optimizer is default_optimizer(lr):
             return {"kind": "default", "learning_rate": lr}
+    if hasattr(spec, "global_spec"):  # a LocalSpec
+        lrs = (getattr(spec.global_spec, "default_learning_rate", DEFAULT_LEARNING_RATE),
+               DEFAULT_LEARNING_RATE)
+        for lr in dict.fromkeys(lrs):
+            for has_params in (False, True):
+                if res.optimizer is local_default_optimizer(lr, has_params):
+                    return {"kind": "local_default", "global_learning_rate": lr,
+                            "has_params": has_params}
     return {"kind": "custom"}
 
 
