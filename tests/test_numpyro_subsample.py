@@ -117,19 +117,47 @@ def test_two_subsampling_plates_raise_naming_them():
         from_numpyro(two, X, Y)
 
 
-def test_local_latent_raises_naming_site_and_plate():
-    def local(y):
-        mu = numpyro.sample("mu", dist.Normal(0, 1))
+def _local(y):
+    mu = numpyro.sample("mu", dist.Normal(0, 1))
+    with numpyro.plate("data", y.shape[0], subsample_size=10):
+        u = numpyro.sample("u", dist.Normal(mu, 1))
+        numpyro.sample("y", dist.Normal(u, 1), obs=numpyro.subsample(y, 0))
+
+
+def test_latent_in_the_plate_is_a_local_latent():
+    # construction checks the factorised density (local u's log density in its row) against
+    # NumPyro's own on a random subsample
+    m = from_numpyro(_local, Y)
+    assert m.latents["u"].local and m.latents["u"].shape == ()
+    assert not m.latents["mu"].local
+    res = vj.fit(m, steps=50, convergence=None, progress=False, psis_draws=0)
+    assert res.diagnostics.n_steps == 50
+    assert "u: amortized(meanfield" in res.diagnostics.estimator
+
+
+@pytest.mark.slow
+def test_local_latent_model_recovers_the_global_mean():
+    y = (1.5 + np.random.default_rng(1).normal(size=200) * np.sqrt(2)).astype(np.float32)
+    res = vj.fit(from_numpyro(_local, y), steps=6000, progress=False)
+    prec = 1 + y.size / 2  # mu | y: y_i ~ N(mu, 2) after integrating u_i out
+    mean, sd = y.sum() / 2 / prec, prec ** -0.5
+    # q(mu) q(u_i | y_i) is mean-field between mu and u: the mean is right, the sd too small
+    assert abs(float(res.mean()["mu"]) - mean) < 0.2 * sd
+
+
+def test_local_latent_needs_the_plate_as_leading_axis():
+    def inner(y):
         with numpyro.plate("data", y.shape[0], subsample_size=10):
-            u = numpyro.sample("u", dist.Normal(mu, 1))
-            numpyro.sample("y", dist.Normal(u, 1), obs=numpyro.subsample(y, 0))
+            with numpyro.plate("k", 3, dim=-2):
+                numpyro.sample("u", dist.Normal(0, 1))
+            numpyro.sample("y", dist.Normal(0, 1), obs=numpyro.subsample(y, 0))
 
-    with pytest.raises(ValueError, match=r"plate 'data'.*\['u'\].*local latents.*later"):
-        from_numpyro(local, Y)
+    with pytest.raises(ValueError, match=r"'u'.*axis 1.*leading axis"):
+        from_numpyro(inner, Y)
 
 
-def test_unobserved_site_in_plate_is_a_local_latent():
-    with pytest.raises(ValueError, match=r"\['obs'\].*local latents.*obs=None"):
+def test_unobserved_site_in_plate_becomes_a_local_latent_with_a_warning():
+    with pytest.warns(vj.ModelWarning, match=r"\['obs'\].*local latents.*None"):
         from_numpyro(logistic_subsample, X)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from vijax.guides.local import build_local, example_row
+from vijax.locals import MAX_ENUMERATION
 from vijax.psis import psis
 
 __all__ = ["row_log_weights", "row_check"]
@@ -91,7 +92,10 @@ def _compiled(target, spec, guide, num_samples: int):
                 z[dblock.name] = vals
             return jnp.asarray(target.log_likelihood(z, batch)) + ld
 
-        if values is None:
+        if not us:  # only a discrete local latent: exact, the same for every "draw"
+            lp_ = jnp.broadcast_to(jax.vmap(lambda v: one({}, v))(values)[None],
+                                   (num_samples, n_e, b))
+        elif values is None:
             lp_ = jax.vmap(lambda u: jax.vmap(lambda v: one(v, None))(u))(us)
         else:
             lp_ = jax.vmap(lambda u: jax.vmap(one)(u, values))(us)
@@ -126,6 +130,11 @@ def row_check(res, data, key, rows: int = 200, num_samples: int = 1000
     """PSIS on ``num_samples`` draws of q for up to ``rows`` rows (evenly spaced): ``(median
     k-hat, fraction of rows with k-hat >= 0.7, reading, draws)``. Rows with a local discrete
     latent use its most probable value's draws (observed: the observed one)."""
+    layout = res.model.target.locals
+    big = [b.name for b in layout.discrete if b.combos > MAX_ENUMERATION]
+    if big:
+        return (float("nan"), float("nan"), f"not computed (local discrete latent {big[0]!r} "
+                f"has more than {MAX_ENUMERATION} joint values per row)", 0)
     n = int(np.shape(jax.tree_util.tree_leaves(data)[0])[0])
     idx = np.unique(np.linspace(0, n - 1, min(rows, n)).astype(np.int64))
     batch = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[idx]), data)

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import warnings
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -83,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer.util import log_density
 
-from vijax.model import Latent, Model, Param
+from vijax.model import Latent, Model, ModelWarning, Param, user_stacklevel
 from vijax.numpyro_data import (
     TRACED,
     TRACER_ERRORS,
@@ -343,6 +344,15 @@ def from_numpyro(model_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Mod
     if plates:  # NumPyro's minibatch SVI: a factorised model (vijax.numpyro_subsample)
         if masked:
             _warn_masked(model_fn, name, treedef, static, data, masked)
+        local = [k for p in plates.values() for k in p.local_latents]
+        nones = _none_arguments(model_fn, args, kwargs)
+        if local and nones:
+            warnings.warn(
+                f"numpyro model {name!r}: latent site(s) {local} inside the subsampling plate "
+                f"become local latents, and argument(s) {nones} are None: if a site is an "
+                "observed one, its data was not passed (obs=None makes it a latent, and "
+                "vijax would infer it per row instead of conditioning on it)",
+                ModelWarning, stacklevel=user_stacklevel())
         return subsampled_model(
             model_fn, name, treedef, leaves, concrete, leaf_names(model_fn, args, kwargs),
             plates, latents, params,

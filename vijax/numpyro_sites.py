@@ -154,18 +154,23 @@ def subsample_plates(tr: dict) -> dict[str, SubsamplePlate]:
         for frame in site["cond_indep_stack"]:
             if frame.name in plates:
                 p = plates[frame.name]
-                plates[frame.name] = p._replace(local_latents=(*p.local_latents, site_name))
+                # the plate's axis in the site's value: counted from the batch shape's right
+                axis = jnp.ndim(site["value"]) - site["fn"].event_dim + frame.dim
+                plates[frame.name] = p._replace(
+                    local_latents=(*p.local_latents, site_name),
+                    local_axes=(*p.local_axes, int(axis)))
     return plates
 
 
 class SubsamplePlate(NamedTuple):
     """A plate that subsamples: ``numpyro.plate(name, size, subsample_size)``, and the latent
-    sample sites inside it (``local_latents``)."""
+    sample sites inside it (``local_latents``: vijax's local latents, one value per row)."""
 
     name: str
     size: int
     subsample_size: int
     local_latents: tuple[str, ...]
+    local_axes: tuple[int, ...] = ()  # the plate's axis in each local latent's value
 
 
 def _abstract_sites(model_fn: Callable, name: str, treedef: Any, static: tuple, data: tuple

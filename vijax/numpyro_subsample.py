@@ -5,10 +5,13 @@ minibatches (``vj.fit(model, batch_size=B)``; ``model.default_batch_size`` is th
 
 The model runs on a batch with the plate told to take all its rows, so that
 ``numpyro.subsample(x, ...)`` and ``x[idx]`` return the batch and NumPyro's own N/B scaling
-is not applied on top of vijax's. Refused, with errors naming the plate or site: several
-subsampling plates, latents inside the plate (local latents), a plate size fixed in the
-model, a site outside the plate reading the subsampled data, and data read other than
-through the plate (checked against NumPyro's own density on a random subsample).
+is not applied on top of vijax's. Latent sites inside the plate become vijax's local
+latents (one value per row, ``vj.Latent(..., local=True)``; their per-row log density is
+part of the row's term), fitted with an amortized guide by default. Refused, with errors
+naming the plate or site: several subsampling plates, a local latent whose value does not
+have the plate as its leading axis, a plate size fixed in the model, a site outside the
+plate reading the subsampled data, and data read other than through the plate (checked
+against NumPyro's own density on a random subsample).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from numpyro import handlers
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
-from vijax.model import Model, output_dependence
+from vijax.model import Latent, Model, output_dependence
 from vijax.numpyro_data import is_candidate, rebuild, split
 from vijax.numpyro_sites import SubsamplePlate, _trace
 
@@ -118,13 +121,13 @@ def check_plate(name: str, plates: dict[str, SubsamplePlate]) -> SubsamplePlate:
             "vijax minibatches one observation axis: subsample one plate and give the "
             "others their full size (drop their subsample_size)")
     plate = next(iter(plates.values()))
-    if plate.local_latents:
-        raise _fail(name, plate, (
-            f"latent site(s) {list(plate.local_latents)} lie inside it. These are local "
-            "latents (one per row); vijax's local latents (a per-row guide for minibatch "
-            "fits) are a later feature. Marginalise them out, move them out of the plate, "
-            "or fit the full data without subsample_size. If a site is an observation, pass "
-            "its data (obs=None makes it a latent)"))
+    for site_name, axis in zip(plate.local_latents, plate.local_axes, strict=True):
+        if axis != 0:
+            raise _fail(name, plate, (
+                f"latent site {site_name!r} lies inside it with the plate along axis {axis} "
+                "of its value; a local latent (one value per row) needs the plate as the "
+                "leading axis of its batch shape (numpyro.plate(..., dim=-k) with k the "
+                "number of batch dimensions, or .to_event() for the per-row dimensions)"))
     return plate
 
 
@@ -161,6 +164,8 @@ def subsampled_model(model_fn: Callable, name: str, treedef: Any, leaves: list,
     placeholder = tuple(np.zeros((1,) + np.shape(x)[1:], np.result_type(x)) for x in obs)
 
     def log_prior(z: dict) -> jax.Array:
+        # the local latents (drawn here for the placeholder row) belong to the rows' terms
+        z = {k: v for k, v in z.items() if k not in plate.local_latents}
         prior, _ = _terms(_run(model_fn, treedef, static, placeholder, z, plate.name),
                           plate.name)
         return sum(prior.values(), start=jnp.zeros(()))
@@ -177,10 +182,13 @@ def subsampled_model(model_fn: Callable, name: str, treedef: Any, leaves: list,
 
     log_prior.__name__ = f"log_prior_{name}"
     log_likelihood.__name__ = f"log_likelihood_{name}"
+    latents = {k: (Latent(shape=v.shape[1:], support=v.support, local=True)
+                   if k in plate.local_latents else v) for k, v in latents.items()}
     decl = {**latents, **params}
-    z_spec = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32 if v.support.is_discrete and k in
-                                      latents else jnp.result_type(float))
-              for k, v in decl.items()}
+    z_spec = {k: jax.ShapeDtypeStruct(
+        ((plate.subsample_size,) if k in plate.local_latents else ()) + v.shape,
+        jnp.int32 if v.support.is_discrete and k in latents else jnp.result_type(float))
+        for k, v in decl.items()}
     _check_structure(model_fn, name, treedef, static, obs, z_spec, plate, row_names)
     _check_against_numpyro(model_fn, name, treedef, leaves, concrete, rows, plate, row_names,
                            log_prior, log_likelihood, list(decl))

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from vijax.estimators import DReG, Score, resolve_estimator
+from vijax.locals import MAX_ENUMERATION
 from vijax.objective import Objective
 
 __all__ = ["make_local_objective"]
@@ -73,6 +74,13 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
     if point and est.name not in ("reparam", "auto", "stl"):
         raise ValueError(f"local latent(s) {point} have a point-mass (delta) guide, which has "
                          f"no density: estimator {est.name!r} needs one; use 'reparam'")
+    sampled = [f.name for f in factors if f.discrete and not f.enumerate]
+    if sampled:
+        b = target.locals.block(sampled[0])
+        raise ValueError(f"local discrete latent {sampled[0]!r} ({b.combos} joint values per "
+                         "row) is not enumerated: this estimator sums it exactly; use "
+                         "estimator='rws' (reweighted wake-sleep samples it) or enumerate it "
+                         f"(at most {MAX_ENUMERATION} joint values)")
     has_mp = bool(target.params)
     k = max(1, int(num_particles))
     n_global = 1 if (multi or guide.point_mass) else k
@@ -157,6 +165,8 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
             return jnp.asarray(target.log_likelihood(z, batch)) + ld
 
         us = [draws[n] for n in names]
+        if not us:  # only a discrete local latent: nothing drawn, one "draw" per value
+            return jax.vmap(lambda vals: one((), vals))(values)[None]
         if values is None:
             return jax.vmap(lambda *u: jax.vmap(lambda *v: one(v, None))(*u))(*us)
         return jax.vmap(lambda *u: jax.vmap(lambda vals, *v: one(v, vals))(values, *u))(*us)

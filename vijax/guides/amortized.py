@@ -268,6 +268,7 @@ def build_factor(spec, block, example_row, n_rows: int, given_sizes: dict[str, i
                              "a factor can condition on the local discrete latent only")
     size = block.size
     num_values = block.num_values
+    enumerate_ = False
     if block.discrete:
         combos = block.combos
         from vijax.locals import MAX_ENUMERATION
@@ -276,10 +277,6 @@ def build_factor(spec, block, example_row, n_rows: int, given_sizes: dict[str, i
         if enumerate_ and combos > MAX_ENUMERATION:
             raise ValueError(f"{where} has {combos} joint values per row; enumeration sums "
                              f"over at most {MAX_ENUMERATION}")
-        if not enumerate_:
-            raise ValueError(f"{where}: discrete local latents are fitted by enumeration; "
-                             f"it has {combos} joint values per row (more than "
-                             f"{MAX_ENUMERATION}): marginalise it in the model or relax it")
         out = size * num_values
         noise_dim, point_mass = 0, False
 
@@ -412,4 +409,4 @@ def build_factor(spec, block, example_row, n_rows: int, given_sizes: dict[str, i
 
     return LocalFactor(name, block.discrete, size, num_values, noise_dim, point_mass, init,
                        raw, draw, log_prob, mean, given,
-                       bool(block.discrete), float(spec.classifier_weight), desc)
+                       bool(block.discrete and enumerate_), float(spec.classifier_weight), desc)
