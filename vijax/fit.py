@@ -14,6 +14,7 @@ import optax
 from vijax.checks import DEFAULT_CHUNK, DEFAULT_STEPS, check_fit_options
 from vijax.driver import family_defaults, fit_single
 from vijax.driver_local import fit_local
+from vijax.estimators import resolve_estimator
 from vijax.guides.ladder import Ladder
 from vijax.guides.laplace import Laplace
 from vijax.guides.resolve import resolve_spec
@@ -162,6 +163,11 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress,
         convergence)
     target = model.target
+    if target.locals is None and estimator is not None and getattr(
+            resolve_estimator(estimator), "name", "") in ("rws", "wake_sleep"):
+        raise ValueError(f"estimator {estimator!r} (wake-sleep) trains the guides of local "
+                         "latents (vj.Latent(..., local=True)); this model has none: use "
+                         "'reparam', 'iwae' or 'dreg'")
     if batch_size is None and resume is None:
         # a NumPyro model written for minibatch SVI carries its plate's subsample_size
         batch_size = getattr(model, "default_batch_size", None)
