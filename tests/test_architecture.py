@@ -16,7 +16,7 @@ LAYERS = (
     ("foundations", ("vijax.version", "vijax.optim", "vijax.psis", "vijax.curvature",
                      "vijax.estimators", "vijax.convergence", "vijax.datasets", "vijax.data",
                      "vijax.stream", "vijax.nets", "vijax.locals")),
-    ("model", ("vijax.model",)),
+    ("model", ("vijax.model", "vijax.net_params")),
     ("target", ("vijax.target",)),
     ("model front ends", ("vijax.numpyro_data", "vijax.numpyro_sites",
                           "vijax.numpyro_subsample", "vijax.numpyro_adapter")),

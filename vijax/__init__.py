@@ -12,6 +12,7 @@ from vijax.io import load
 from vijax.local_result import importance_log_likelihood, local_posterior
 from vijax.many import FitManyResult, fit_many
 from vijax.model import Latent, Model, ModelWarning, Param, model
+from vijax.net_params import NetParam, net_param
 from vijax.numpyro_adapter import from_numpyro
 from vijax.optim import default_optimizer
 from vijax.precondition import Precondition
@@ -27,5 +28,6 @@ __all__ = [
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
     "load", "predictive", "Convergence", "ConvergenceWarning", "Precondition", "NonFiniteError",
     "fit_many", "FitManyResult", "nets", "importance_log_likelihood", "local_posterior",
+    "net_param", "NetParam",
     "ModelWarning", "__version__",
 ]
