@@ -66,6 +66,18 @@ def _objective(model, data, guide, estimator="reparam", k=1, init=None):
     return loss, state.params
 
 
+def _values(loss, params, data, keys):
+    """``-loss`` (the bound) at ``params`` for each key, ``(len(keys),)`` float64."""
+    rows = _rows(jax.tree_util.tree_leaves(data)[0].shape[0])
+    return -np.asarray(jax.vmap(lambda k: loss(k, params, data, rows))(keys), float)
+
+
+def _grads(loss, params, data, keys):
+    """Gradients of the loss at ``params`` for each key (a batched pytree)."""
+    rows = _rows(jax.tree_util.tree_leaves(data)[0].shape[0])
+    return jax.vmap(jax.grad(lambda k, p: loss(k, p, data, rows), 1), (0, None))(keys, params)
+
+
 def _rows(n):
     return jnp.arange(n, dtype=jnp.int32)
 
@@ -181,7 +193,8 @@ def _ppca_mle_ll(x, d):
 
 # --------------------------------------------------------------------------------------------
 # 1. a linear VAE reaches PPCA's maximum likelihood
-def test_linear_vae_reaches_ppca_mle():
+@pytest.mark.parametrize("check_objective", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_linear_vae_reaches_ppca_mle(check_objective):
     N, D, d = 300, 5, 2
     rng = np.random.default_rng(1)
     # well-conditioned truth (singular values 3, 2 against noise 0.5): Adam converges in
@@ -206,6 +219,25 @@ def test_linear_vae_reaches_ppca_mle():
     elbo_fn = lambda p: _closed_form_elbo(p, jnp.asarray(x), d, "fullrank")
     elbo = float(elbo_fn(params))
 
+    if check_objective:
+        _check_objective_against_closed_form(model, data, guide, params, elbo_fn)
+    # the bound: ELBO <= log p(x | fitted) <= log p(x | MLE) (float32 sums of ~2000 nats:
+    # rounding below 1e-2)
+    assert elbo <= ll_fit + 1e-2 and ll_fit <= ll_mle + 1e-2
+    # the optimiser's residual ll_mle - elbo (>= the model's gap ll_mle - ll_fit, since the
+    # ELBO's maximum is ll_mle) must be small against the data's own resolution: a
+    # likelihood-ratio statistic 2 (ll_mle - ll(theta)) ~ chi^2_p at the true theta, so
+    # parameter errors at the sampling scale cost ~p/2 nats; we require 5% of that
+    # (p = D d + D + 1 - d (d - 1) / 2 free parameters: W up to rotation, b, sigma). An
+    # objective with a wrong term (an entropy or Jacobian off by a factor, a prior dropped)
+    # moves the fit by O(N) nats.
+    p = D * d + D + 1 - d * (d - 1) // 2
+    assert ll_mle - elbo < 0.05 * p / 2, (ll_mle - elbo, ll_mle - ll_fit)
+
+
+def _check_objective_against_closed_form(model, data, guide, params, elbo_fn):
+    N = data["x"].shape[0]
+    elbo = float(elbo_fn(params))
     # vijax's objective at the fitted parameters: its mean over draws is the closed-form
     # ELBO, its mean gradient the closed-form gradient (tolerances: 4.5 standard errors of
     # the mean over M draws; for the gradient 5, per coordinate: Bonferroni over its ~45)
@@ -221,19 +253,6 @@ def test_linear_vae_reaches_ppca_mle():
     z = (g.mean(0) - g_exact) / np.maximum(se, 1e-3 * (1 + np.abs(g_exact)))
     assert np.max(np.abs(z)) < 5.0, np.max(np.abs(z))
 
-    # the bound: ELBO <= log p(x | fitted) <= log p(x | MLE) (float32 sums of ~2000 nats:
-    # rounding below 1e-2)
-    assert elbo <= ll_fit + 1e-2 and ll_fit <= ll_mle + 1e-2
-    # the optimiser's residual ll_mle - elbo (>= the model's gap ll_mle - ll_fit, since the
-    # ELBO's maximum is ll_mle) must be small against the data's own resolution: a
-    # likelihood-ratio statistic 2 (ll_mle - ll(theta)) ~ chi^2_p at the true theta, so
-    # parameter errors at the sampling scale cost ~p/2 nats; we require 5% of that
-    # (p = D d + D + 1 - d (d - 1) / 2 free parameters: W up to rotation, b, sigma). An
-    # objective with a wrong term (an entropy or Jacobian off by a factor, a prior dropped)
-    # moves the fit by O(N) nats.
-    p = D * d + D + 1 - d * (d - 1) // 2
-    assert ll_mle - elbo < 0.05 * p / 2, (ll_mle - elbo, ll_mle - ll_fit)
-
 
 # --------------------------------------------------------------------------------------------
 # 2. importance sampling with the exact posterior is exact
@@ -248,12 +267,12 @@ def test_bounds_exact_at_exact_posterior(family):
     # every log w_il = log p(x_i, z_il) - log q(z_il | x_i) = log p(x_i): the ELBO and the
     # IWAE bound are log p(x) for any K and any draw. Tolerance: float32 rounding of sums of
     # N rows of ~10 nats, 1e-5 relative
-    for est, ks in (("reparam", (1,)), ("iwae", (1, 50))):
-        for k in ks:
+    cases = (("iwae", 50),) if family == "fullrank" else (("reparam", 1), ("iwae", 5))
+    for est, k in cases:
+        if True:
             loss, params = _objective(model, data, guide, est, k)
-            vals = np.asarray(jax.vmap(lambda key: loss(key, params, data, _rows(N)))(
-                _keys(8)), float)
-            np.testing.assert_allclose(-vals, ll, rtol=1e-5, err_msg=f"{est} K={k}")
+            vals = _values(loss, params, data, _keys(8))
+            np.testing.assert_allclose(vals, ll, rtol=1e-5, err_msg=f"{est} K={k}")
 
     if family == "fullrank":  # vj.importance_log_likelihood of a fit at those parameters
         res = vj.fit(model, data, guide=guide, steps=1, optimizer=optax.sgd(0.0),
@@ -376,13 +395,11 @@ def test_iwae_bound_tightens_with_k():
     means, ses = {}, {}
     for k in (1, 5, 50):
         loss, params = _objective(model, data, guide, "iwae", k)
-        v = -np.asarray(jax.vmap(lambda key: loss(key, params, data, _rows(N)))(_keys(M, k)),
-                        float)
+        v = _values(loss, params, data, _keys(M, k))
         means[k], ses[k] = v.mean(), v.std(ddof=1) / np.sqrt(M)
         if k == 1:  # IWAE with one draw is the reparameterised ELBO, draw for draw
             rl, _ = _objective(model, data, guide, "reparam", 1)
-            r = -np.asarray(jax.vmap(lambda key: rl(key, params, data, _rows(N)))(
-                _keys(M, k)), float)
+            r = _values(rl, params, data, _keys(M, k))
             np.testing.assert_allclose(v, r, rtol=1e-6)
             elbo = float(_closed_form_elbo(params, jnp.asarray(data["x"]), d, "fullrank"))
             assert abs(means[1] - elbo) < 4 * ses[1]  # 4 standard errors of the mean
@@ -453,7 +470,8 @@ def _fit_with(kind):
     return _FITS[kind]
 
 
-@pytest.mark.parametrize("kind", ["equinox", "linen", "nnx"])
+@pytest.mark.parametrize("kind", ["equinox", "nnx", pytest.param("linen",
+                                                                   marks=pytest.mark.slow)])
 def test_library_encoders_match_function_pair(kind):
     if kind != "equinox":
         pytest.importorskip("flax")
@@ -595,7 +613,9 @@ def test_local_table_matches_conjugate_posterior(batch_size):
 
 # --------------------------------------------------------------------------------------------
 # 9. STL and DReG gradients at the exact posterior
-def test_stl_dreg_gradients_at_exact_posterior():
+@pytest.mark.parametrize("with_references", [False,
+                                             pytest.param(True, marks=pytest.mark.slow)])
+def test_stl_dreg_gradients_at_exact_posterior(with_references):
     N, D, d = 30, 4, 2
     W, b, sigma, data = _ppca_data(N, D, d, seed=12)
     model = _ppca_model(D, d, W, b, sigma)
@@ -603,40 +623,44 @@ def test_stl_dreg_gradients_at_exact_posterior():
                                inputs="x")}
     M, K = 100, 5
     grads = {}
-    for est, k in (("reparam", 1), ("stl", 1), ("iwae", K), ("dreg", K)):
+    cases = (("reparam", 1), ("stl", 1), ("iwae", K), ("dreg", K)) if with_references else \
+        (("stl", 1), ("dreg", K))
+    for est, k in cases:
         loss, params = _objective(model, data, guide, est, k)
-        grads[est] = jax.vmap(jax.grad(lambda key, p: loss(key, p, data, _rows(N)), 1),
-                              (0, None))(_keys(M, 1), params)
+        grads[est] = _grads(loss, params, data, _keys(M, 1))
     enc = {e: np.asarray(ravel_pytree(jax.tree.map(lambda a: a.reshape(M, -1),
                                                    g[0]["local"]))[0]).reshape(M, -1)
            for e, g in grads.items()}
     mod = {e: np.concatenate([np.asarray(g[1][n]).reshape(M, -1) for n in ("W", "b", "sigma")],
                              1).astype(float) for e, g in grads.items()}
     # at q = p, d/du [log p(x, u) - log q(u | x)] = 0: the STL and DReG encoder gradients
-    # vanish for every draw (float32 rounding: 1e-4 of the reparam gradient's size), while
-    # the reparam and IWAE ones do not (they are zero only in expectation)
-    for est, ref in (("stl", "reparam"), ("dreg", "iwae")):
-        scale = np.abs(enc[ref]).max()
+    # vanish for every draw (float32 rounding: 1e-4 of the model-parameter gradients' size)
+    for est in ("stl", "dreg"):
+        scale = np.abs(mod[est]).max()
         assert scale > 1.0
         assert np.abs(enc[est]).max() < 1e-4 * scale, (est, np.abs(enc[est]).max())
-        # the model parameters' gradients do not involve log q: identical to the
-        # reference estimator's, draw by draw
-        np.testing.assert_allclose(mod[est], mod[ref], rtol=1e-5, atol=1e-5 * np.abs(
-            mod[ref]).max())
-    # in expectation the reparam encoder gradient is 0 and the model-parameter gradient is
-    # -grad log p(x) (Fisher's identity); 4.5 standard errors per coordinate (Bonferroni
-    # over a few dozen coordinates)
-    se = enc["reparam"].std(0, ddof=1) / np.sqrt(M)
-    assert np.all(np.abs(enc["reparam"].mean(0)) < 4.5 * se + 1e-6)
 
     def neg_ll(mp):
         Wm, bm, s = mp["W"], mp["b"], jnp.exp(mp["sigma"])
         return -dist.MultivariateNormal(bm, Wm @ Wm.T + s**2 * jnp.eye(D)).log_prob(
             jnp.asarray(data["x"])).sum()
 
+    # in expectation the model-parameter gradient is -grad log p(x) (Fisher's identity);
+    # 4.5 standard errors per coordinate (Bonferroni over 13 coordinates)
     g_exact = jax.grad(neg_ll)(params[1])
     g_exact = np.concatenate([np.asarray(g_exact[n]).reshape(-1) for n in ("W", "b",
                                                                            "sigma")])
-    for est in ("reparam", "iwae"):
+    for est in grads:
         se = mod[est].std(0, ddof=1) / np.sqrt(M)
         assert np.all(np.abs(mod[est].mean(0) - g_exact) < 4.5 * se + 1e-4), est
+    if not with_references:
+        return
+    # the reparam and IWAE encoder gradients are zero only in expectation (4.5 standard
+    # errors); the model parameters' gradients do not involve log q: STL's equal reparam's
+    # and DReG's equal IWAE's draw by draw
+    for est, ref in (("stl", "reparam"), ("dreg", "iwae")):
+        assert np.abs(enc[ref]).max() > 1.0
+        se = enc[ref].std(0, ddof=1) / np.sqrt(M)
+        assert np.all(np.abs(enc[ref].mean(0)) < 4.5 * se + 1e-6), ref
+        np.testing.assert_allclose(mod[est], mod[ref], rtol=1e-5, atol=1e-5 * np.abs(
+            mod[ref]).max())
