@@ -149,12 +149,17 @@ def save(res: FitResult, path: str | os.PathLike) -> None:
     bit for bit, a JSON manifest (versions, latents, guide spec, estimator, optimizer,
     diagnostics, leaf paths, shapes and dtypes) and a SHA-256 over both. It is written to a
     temporary file in the same directory and renamed over ``path``, so ``path`` always holds
-    either its old content or the complete new file. The model and a custom optimizer are
-    functions and are not stored: :func:`load` takes them again.
+    either its old content or the complete new file. The model, a custom optimizer and the
+    encoder networks you gave local latents (``vj.guides.Amortized(encoder=net)``; their
+    parameters are stored) are code and are not stored: :func:`load` takes them again
+    (``model``, ``optimizer=``, ``guide=``). A fit with local latents stores its guide spec
+    with one data row's structure (dicts with string keys, tuples, lists and arrays).
 
     Raises:
         ValueError: the guide spec, estimator or diagnostics hold something other than JSON
-            values and vijax configuration classes, or a pytree leaf is not an array.
+            values and vijax configuration classes (e.g. a wake-sleep estimator's sampler, or
+            a data row that is a NamedTuple or custom pytree), or a pytree leaf is not an
+            array.
 
     Example:
         >>> res.save("fit.vjx")  # doctest: +SKIP
