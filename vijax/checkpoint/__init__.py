@@ -22,9 +22,14 @@ The manifest holds:
   the constraint's ``repr``), checked against the model given to :func:`load`;
 - ``guide_spec``, ``estimator``, ``diagnostics``: tagged JSON (``{"class": "IAF", "fields":
   {...}}`` for the configuration classes of :mod:`vijax.guides` and :mod:`vijax.estimators`,
-  ``{"tuple": [...]}``, ``{"list": [...]}``, ``{"dict": {...}}``; scalars and strings as is);
-- ``optimizer``: ``{"kind": "default", "learning_rate": lr}`` (``vj.default_optimizer(lr)``)
-  or ``{"kind": "custom"}``;
+  ``{"tuple": [...]}``, ``{"list": [...]}``, ``{"dict": {...}}``; scalars and strings as is).
+  A fit with local latents stores its ``LocalSpec``: ``row`` as ``{"row": tree}``, the data
+  row's own nesting with one ``"dtype:d0,d1"`` string per leaf, and an encoder the user gave
+  as ``{"user_encoder": description}`` (its weights are stored; the network itself is given
+  again to :func:`load` through ``guide=``);
+- ``optimizer``: ``{"kind": "default", "learning_rate": lr}`` (``vj.default_optimizer(lr)``),
+  ``{"kind": "local_default", "global_learning_rate": lr, "has_params": bool}`` (the default
+  of a local fit, ``vijax.optim.local_default_optimizer``) or ``{"kind": "custom"}``;
 - ``members``: ``[{"name", "dtype", "shape"}, ...]``, the stored arrays in order;
 - ``trees``: for each of ``params``, ``last_params``, ``opt_state``, ``state``,
   ``init_point``, ``losses``, ``loop_key``: ``null`` or the list of its leaves in

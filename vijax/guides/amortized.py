@@ -112,6 +112,19 @@ class Amortized:
             raise TypeError(f"Amortized: enumerate must be None, True or False, got "
                             f"{self.enumerate!r}")
 
+    def _key(self) -> tuple:
+        # the encoder by identity (networks do not compare by value: equinox modules hold
+        # arrays); every other field by value, so equal specs share their compiled programs
+        return (id(self.encoder),) + tuple(getattr(self, f.name) for f in
+                                           dataclasses.fields(self) if f.name != "encoder")
+
+    def __eq__(self, other) -> bool:
+        return (type(other) is type(self) and self.encoder is other.encoder
+                and self._key() == other._key())
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
 
 @dataclasses.dataclass(frozen=True)
 class LocalTable:
