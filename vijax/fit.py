@@ -26,11 +26,14 @@ from vijax.start import _check_source
 
 __all__ = ["fit"]
 
+LOCAL_AVERAGE = 0.1
+"""The default tail-averaging window of a fit with local latents (see ``fit``'s ``average``)."""
+
 
 def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAULT_STEPS,
         optimizer: optax.GradientTransformation | None = None, key: Any = None,
         num_particles: int | None = None, init: Mapping[str, Any] | None = None,
-        average: float = 0.5, chunk_size: int = DEFAULT_CHUNK, dtype: Any = None,
+        average: float | None = None, chunk_size: int = DEFAULT_CHUNK, dtype: Any = None,
         init_from: FitResult | None = None, estimator: Any = None,
         convergence: Any = "auto", max_consecutive_nonfinite: int = 100,
         progress: bool | None = None, resume: FitResult | None = None,
@@ -77,7 +80,10 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         init: optional dict of *constrained* initial values for some or all latents; the rest
             start uniform in (-2, 2) in unconstrained space, redrawn until the log joint is finite.
         average: fraction of final steps whose iterates are averaged when the fit runs to
-            ``steps``, in [0, 1); 0 returns the last iterate.
+            ``steps``, in [0, 1); 0 returns the last iterate. ``None``: 0.5, or 0.1 for a
+            model with local latents (encoder and decoder networks still improve late in a
+            fit, and a long window lags behind them: 1.3 nats of test log-likelihood on a
+            VAE after 2,000 steps with 0.5).
         chunk_size: steps per compiled call (>= 1); the host looks at the loop (stopping,
             progress) once per chunk.
         dtype: float32 or float64 (needs ``jax_enable_x64``); default JAX's default float.
@@ -159,6 +165,9 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         (300,)
     """
     psis_default = psis_draws is None
+    if average is None:
+        average = LOCAL_AVERAGE if isinstance(model, Model) and \
+            model.target.locals is not None else 0.5
     steps, chunk_size, max_consecutive, psis_draws, rule = check_fit_options(
         model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress,
         convergence)

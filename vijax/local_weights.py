@@ -22,6 +22,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from vijax.guides.local import build_local, example_row
+from vijax.guides.resolve import build_guide
 from vijax.locals import MAX_ENUMERATION
 from vijax.psis import psis
 
@@ -29,8 +30,10 @@ __all__ = ["row_log_weights", "row_check"]
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(target, spec, guide, num_samples: int):
-    """Jitted ``(key, params, mparams, batch, rows) -> (log_w (E, K, B), mask (E, B))``."""
+def _compiled(target, spec, num_samples: int):
+    """Jitted ``(key, params, mparams, batch, rows) -> (log_w (E, K, B), mask (E, B))``
+    (cached per model, guide and K: every block of rows reuses it)."""
+    guide = build_guide(spec.global_spec, target)
     factors = build_local(spec, target, example_row(spec.row))
     layout = target.locals
     disc = next((f for f in factors if f.discrete), None)
@@ -107,15 +110,9 @@ def _compiled(target, spec, guide, num_samples: int):
 def row_log_weights(res, batch, rows, key, num_samples: int):
     """``(log_w (E, K, B), mask (E, B))`` for the rows ``rows`` (their data ``batch``)."""
     target = res.model.target
-    fn = _compiled(target, res.guide_spec, _unlifted(res), int(num_samples))
+    fn = _compiled(target, res.guide_spec, int(num_samples))
     mparams = res.mparams if target.params else None
     return fn(key, res.params, mparams, batch, jnp.asarray(rows, jnp.int32))
-
-
-def _unlifted(res):
-    from vijax.guides.resolve import build_guide
-
-    return build_guide(res.guide_spec.global_spec, res.model.target)
 
 
 def row_log_likelihood(log_w, mask) -> jax.Array:

@@ -270,7 +270,15 @@ def warn_if_untrusted(res: FitResult, stacklevel: int = 3) -> None:
                     "pass more steps=, resume=res, or a looser vj.Convergence(tol=...)")
         problems.append(f"the fit ran its {d.n_steps} steps without converging "
                         f"({d.criterion}); {hint}")
-    if d.k_hat_reading.startswith("unreliable"):
+    local = res.target.locals is not None
+    if d.k_hat_reading.startswith("unreliable") and local:
+        problems.append(f"PSIS says the local guide is an unreliable approximation of the "
+                        f"rows' posteriors ({d.k_hat_reading}): importance-sampled "
+                        "quantities (vj.importance_log_likelihood) need many draws; a "
+                        "richer local family (vj.guides.Amortized(family='fullrank' or "
+                        "'iaf')), a larger encoder or a multi-sample bound (estimator='iwae' "
+                        "or 'dreg') narrows the gap")
+    elif d.k_hat_reading.startswith("unreliable"):
         richer = ("no rung of the ladder did better" if d.rung else
                   "guide='auto' tries richer families")
         problems.append(f"PSIS says q is an unreliable approximation of this posterior "
@@ -280,5 +288,11 @@ def warn_if_untrusted(res: FitResult, stacklevel: int = 3) -> None:
         problems.append(f"{d.n_nonfinite_skipped} steps were skipped for a non-finite loss "
                         "or gradient")
     if problems:
-        warnings.warn(ConvergenceWarning(f"vj.fit ({d.rung or res.guide.name}): "
+        what = d.rung or res.guide.name
+        if local:
+            what = ", ".join(f"{n}: {s.family}" if hasattr(s, "family") else n
+                             for n, s in res.guide_spec.factors)
+            if res.target.dim:
+                what = f"{res.guide.name}; {what}"
+        warnings.warn(ConvergenceWarning(f"vj.fit ({what}): "
                                          + "; ".join(problems)), stacklevel=stacklevel)
