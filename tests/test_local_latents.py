@@ -593,7 +593,7 @@ def test_local_table_matches_conjugate_posterior(batch_size):
                      latents={"z": vj.Latent((), local=True)})
     res = vj.fit(model, {"x": x}, guide={"z": LocalTable()}, steps=steps,
                  batch_size=batch_size, optimizer=optax.adam(0.02), convergence=None,
-                 progress=False, key=jax.random.key(1))
+                 progress=False, key=jax.random.key(1), average=0.5)  # T = steps / 2 below
     post = vj.local_posterior(res, {"x": x})["z"]
     table = np.asarray(res.params["local"]["z"]["table"], float)
     np.testing.assert_allclose(post["loc"], table[:, 0], rtol=1e-6)
