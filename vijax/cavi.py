@@ -45,10 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.special import entr, multigammaln
+from numpyro.distributions import constraints
 from numpyro.distributions.kl import kl_divergence
 from numpyro.distributions.util import multidigamma
 
-__all__ = ["GMMPrior", "CAVIResult", "cavi_gmm", "default_gmm_prior"]
+from vijax.model import Latent, Model, Param
+
+__all__ = ["GMMPrior", "CAVIResult", "cavi_gmm", "default_gmm_prior", "gmm_model"]
 
 
 class GMMPrior(NamedTuple):
@@ -110,27 +113,27 @@ class _Globals(NamedTuple):
 
 
 def default_gmm_prior(x: Any, num_components: int) -> GMMPrior:
-    """The default prior, scaled by the data (as scikit-learn's ``BayesianGaussianMixture``
-    does, except for ``W0`` and ``alpha0``).
+    """The default prior, scaled by the data: scikit-learn's ``BayesianGaussianMixture``
+    defaults (``weight_concentration_prior_type="dirichlet_distribution"``).
 
-    ``alpha0 = 1`` (uniform on the simplex: ``K`` is taken as known, not pruned),
-    ``beta0 = 1`` (a mean is a priori as uncertain as one draw of its component),
-    ``m0 = mean(x)``, ``nu0 = D`` (the weakest proper Wishart with an integer degree of
-    freedom), ``W0 = cov(x)^-1 / nu0`` so that ``E[Lambda_k] = cov(x)^-1``: each component a
-    priori as wide as the whole data. The data covariance must be of full rank.
+    ``alpha0 = 1 / K``, ``beta0 = 1`` (a mean is a priori as uncertain as one draw of its
+    component), ``m0 = mean(x)``, ``nu0 = D`` (the weakest proper Wishart with an integer
+    degree of freedom) and ``W0 = cov(x)^-1`` (``E[Lambda_k] = D cov(x)^-1``). The Wishart
+    tail ``exp(-tr(cov(x) Lambda_k) / 2)`` makes components much narrower than the whole data
+    a priori unlikely: with few points per component the prior merges clusters. The data
+    covariance (``ddof = 1``) must be of full rank.
 
     Args:
         x: ``(N, D)`` data.
-        num_components: ``K`` (unused by this prior; kept so the signature can grow).
+        num_components: ``K``.
 
     Returns:
         a :class:`GMMPrior` of float64 numpy values.
 
     Example:
-        >>> default_gmm_prior(np.array([[0.0, 1.0], [2.0, 1.0], [1.0, 3.0]]), 2).nu0
-        2.0
+        >>> default_gmm_prior(np.array([[0.0, 1.0], [2.0, 1.0], [1.0, 3.0]]), 2).alpha0
+        0.5
     """
-    del num_components
     x = np.asarray(x, np.float64)
     d = x.shape[1]
     cov = np.atleast_2d(np.cov(x, rowvar=False)) if x.shape[0] > 1 else np.zeros((d, d))
@@ -142,8 +145,8 @@ def default_gmm_prior(x: Any, num_components: int) -> GMMPrior:
     if not ok:
         raise ValueError("the default prior needs a data covariance of full rank (N > D and no "
                          "collinear columns); pass prior=GMMPrior(...) explicitly")
-    return GMMPrior(alpha0=1.0, beta0=1.0, m0=x.mean(0), W0=np.linalg.inv(cov) / d,
-                    nu0=float(d))
+    return GMMPrior(alpha0=1.0 / num_components, beta0=1.0, m0=x.mean(0),
+                    W0=np.linalg.inv(cov), nu0=float(d))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,3 +384,57 @@ def cavi_gmm(x: Any, num_components: int, *, prior: GMMPrior | None = None,
     return CAVIResult(alpha=g.alpha, beta=g.beta, m=(g.m + prior.m0).astype(dtype), W=g.W,
                       nu=g.nu, r=r, elbo=elbo, converged=bool(done), iterations=it,
                       prior=prior)
+
+
+def gmm_model(prior: GMMPrior, num_components: int, *, weights: str = "latent") -> Model:
+    """The same mixture as a :class:`vijax.Model` for gradient VI, with ``z`` marginalised.
+
+    Latents ``pi`` ``(K,)`` (simplex), ``mu`` ``(K, D)`` and ``Lambda`` ``(K, D, D)``
+    (positive definite); factorised form with ``log_prior`` the Dirichlet, Wishart and
+    Normal densities of the module docstring and, per observation (``data = {"x": (N, D)}``),
+    ``log_likelihood_n = logsumexp_k [log pi_k + log N(x_n | mu_k, Lambda_k^-1)]``. The ELBO
+    of a fit of it bounds the same ``log p(x)`` as :func:`cavi_gmm`'s, over a different family
+    (a Gaussian in the unconstrained ``(pi, mu, Lambda)``, no factor over ``z``).
+
+    Args:
+        prior: a :class:`GMMPrior` (``m0 (D,)`` and ``W0 (D, D)`` give ``D``).
+        num_components: ``K`` (>= 1).
+        weights: ``"latent"`` (``pi`` has a posterior) or ``"param"``: ``pi`` is a
+            :class:`vijax.Param` (a point estimate, initialised uniform, its Dirichlet prior
+            kept as a penalty): fitting then maximises the bound over ``q(mu, Lambda)`` and
+            ``pi`` jointly, variational EM (MAP for ``pi``).
+
+    Returns:
+        a factorised :class:`vijax.Model`.
+
+    Example:
+        >>> m = gmm_model(GMMPrior(1.0, 1.0, np.zeros(2), np.eye(2), 2.0), 3)
+        >>> sorted(m.latents), m.latents["Lambda"].shape
+        (['Lambda', 'mu', 'pi'], (3, 2, 2))
+    """
+    k = _check_int("num_components", num_components, 1)
+    d = int(np.shape(prior.m0)[0])
+    prior = _check_prior(prior, d)
+    if weights not in ("latent", "param"):
+        raise ValueError(f"weights must be 'latent' or 'param', got {weights!r}")
+    alpha0, beta0, m0, w0, nu0 = (np.asarray(v, np.float64) for v in prior)
+
+    def log_prior(z):
+        lam = z["Lambda"]
+        lp = dist.Dirichlet(jnp.full((k,), alpha0)).log_prob(z["pi"])
+        lp += dist.Wishart(nu0, scale_matrix=w0).log_prob(lam).sum()
+        return lp + dist.MultivariateNormal(m0, precision_matrix=beta0 * lam).log_prob(
+            z["mu"]).sum()
+
+    def log_likelihood(z, data):
+        comp = dist.MultivariateNormal(z["mu"], precision_matrix=z["Lambda"])
+        return jax.nn.logsumexp(jnp.log(z["pi"]) + comp.log_prob(data["x"][:, None, :]), -1)
+
+    latents = {"mu": Latent((k, d)), "Lambda": Latent((k, d, d), constraints.positive_definite)}
+    params = {}
+    if weights == "latent":
+        latents["pi"] = Latent((k,), constraints.simplex)
+    else:
+        params["pi"] = Param((k,), support=constraints.simplex)
+    return Model(log_prior=log_prior, log_likelihood=log_likelihood, latents=latents,
+                 params=params)
