@@ -17,6 +17,8 @@ LAYERS = (
                      "vijax.estimators", "vijax.convergence", "vijax.datasets", "vijax.data",
                      "vijax.stream", "vijax.nets", "vijax.locals")),
     ("model", ("vijax.model", "vijax.net_params")),
+    # CAVI for the Gaussian mixture: its own conjugate updates; gmm_model builds a vj.Model
+    ("closed-form VI", ("vijax.cavi",)),
     ("target", ("vijax.target",)),
     ("model front ends", ("vijax.numpyro_data", "vijax.numpyro_sites",
                           "vijax.numpyro_subsample", "vijax.numpyro_adapter")),

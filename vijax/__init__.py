@@ -5,6 +5,7 @@ ELBO is optimised by any Optax optimizer inside one compiled loop.
 """
 
 from vijax import datasets, estimators, guides, nets
+from vijax.cavi import CAVIResult, GMMPrior, cavi_gmm, default_gmm_prior, gmm_model
 from vijax.checks import prepare_data
 from vijax.convergence import Convergence, ConvergenceWarning
 from vijax.fit import fit
@@ -29,5 +30,6 @@ __all__ = [
     "load", "predictive", "Convergence", "ConvergenceWarning", "Precondition", "NonFiniteError",
     "fit_many", "FitManyResult", "nets", "importance_log_likelihood", "local_posterior",
     "net_param", "NetParam",
+    "cavi_gmm", "CAVIResult", "GMMPrior", "default_gmm_prior", "gmm_model",
     "ModelWarning", "__version__",
 ]
