@@ -400,9 +400,10 @@ def gmm_model(prior: GMMPrior, num_components: int, *, weights: str = "latent") 
         prior: a :class:`GMMPrior` (``m0 (D,)`` and ``W0 (D, D)`` give ``D``).
         num_components: ``K`` (>= 1).
         weights: ``"latent"`` (``pi`` has a posterior) or ``"param"``: ``pi`` is a
-            :class:`vijax.Param` (a point estimate, initialised uniform, its Dirichlet prior
-            kept as a penalty): fitting then maximises the bound over ``q(mu, Lambda)`` and
-            ``pi`` jointly, variational EM (MAP for ``pi``).
+            :class:`vijax.Param` (a point estimate, initialised uniform, with no prior:
+            ``alpha0 < 1`` would make its MAP run to the simplex's edge): fitting then
+            maximises the bound on ``log p(x | pi)`` over ``q(mu, Lambda)`` and ``pi``
+            jointly, variational EM (maximum likelihood for ``pi``).
 
     Returns:
         a factorised :class:`vijax.Model`.
@@ -421,7 +422,8 @@ def gmm_model(prior: GMMPrior, num_components: int, *, weights: str = "latent") 
 
     def log_prior(z):
         lam = z["Lambda"]
-        lp = dist.Dirichlet(jnp.full((k,), alpha0)).log_prob(z["pi"])
+        lp = dist.Dirichlet(jnp.full((k,), alpha0)).log_prob(z["pi"]) if weights == "latent" \
+            else 0.0
         lp += dist.Wishart(nu0, scale_matrix=w0).log_prob(lam).sum()
         return lp + dist.MultivariateNormal(m0, precision_matrix=beta0 * lam).log_prob(
             z["mu"]).sum()
