@@ -110,7 +110,8 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
     from vijax.driver import family_defaults
 
     target = model.target
-    num_particles = _check_int("num_particles", num_particles)
+    if num_particles is not None:
+        num_particles = _check_int("num_particles", num_particles)
     dtype = _resolve_dtype(dtype)
     data, host, feed, n_obs = _data_feed(model, data, dtype, batch_size, shuffle, stream,
                                          kl_weight, resume)
@@ -127,6 +128,10 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
         raise ValueError("a LocalTable guide holds one row of parameters per observation of "
                          "device-resident data; a stream has no such rows: use "
                          "vj.guides.Amortized or drop stream=True")
+    if num_particles is None:  # a sampled local discrete latent: K draws for its baseline
+        sampled = any(target.locals.block(n).discrete and getattr(s, "enumerate", None)
+                      is False for n, s in spec.factors)
+        num_particles = 8 if sampled else 1
     if resume is None:
         estimator, _, _ = family_defaults(spec, target, estimator, 1, optimizer)
         if optimizer is None:

@@ -212,8 +212,6 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         if init_from is not None:
             raise ValueError("init_from is not available for a model with local latents; "
                              "use init= for the global latents, or resume= to continue")
-        if num_particles is None:
-            num_particles = 1 if resume is None else num_particles
         return fit_local(model, data, spec if resume is not None else guide,
                          lambda g: _single_spec(resolve_spec("auto" if g is None else g),
                                                 target, True),

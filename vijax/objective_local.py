@@ -31,7 +31,6 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from vijax.estimators import DReG, Score, resolve_estimator
-from vijax.locals import MAX_ENUMERATION
 from vijax.objective import Objective
 
 __all__ = ["make_local_objective"]
@@ -42,8 +41,9 @@ sg = jax.lax.stop_gradient
 def _describe(est, factors) -> str:
     names = {"reparam": "reparam", "auto": "reparam", "stl": "stl", "iwae": "iwae",
              "dreg": "dreg", "renyi": f"renyi(alpha={getattr(est, 'alpha', 0)})"}
-    parts = ", ".join(f"{f.name}: {f.description}" + (" enumerated" if f.discrete else "")
-                      for f in factors)
+    parts = ", ".join(f"{f.name}: {f.description}" + (
+        (" enumerated" if f.enumerate else " sampled, score function with rloo baseline")
+        if f.discrete else "") for f in factors)
     return f"{names[est.name]} (local latents: {parts})"
 
 
@@ -74,16 +74,21 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
     if point and est.name not in ("reparam", "auto", "stl"):
         raise ValueError(f"local latent(s) {point} have a point-mass (delta) guide, which has "
                          f"no density: estimator {est.name!r} needs one; use 'reparam'")
-    sampled = [f.name for f in factors if f.discrete and not f.enumerate]
-    if sampled:
-        b = target.locals.block(sampled[0])
-        raise ValueError(f"local discrete latent {sampled[0]!r} ({b.combos} joint values per "
-                         "row) is not enumerated: this estimator sums it exactly; use "
-                         "estimator='rws' (reweighted wake-sleep samples it) or enumerate it "
-                         f"(at most {MAX_ENUMERATION} joint values)")
-    has_mp = bool(target.params)
+    sampled = next((f for f in factors if f.discrete and not f.enumerate), None)
     k = max(1, int(num_particles))
-    n_global = 1 if (multi or guide.point_mass) else k
+    if sampled is not None and multi:
+        raise ValueError(f"local discrete latent {sampled.name!r} is sampled (not "
+                         f"enumerated): its score-function gradient is defined for the ELBO "
+                         f"estimators ('reparam', 'stl'); for a multi-sample bound enumerate "
+                         "it or use estimator='rws'")
+    if sampled is not None and k < 2:
+        raise ValueError(f"local discrete latent {sampled.name!r} is sampled (not "
+                         "enumerated) and trained by the score function with a leave-one-out "
+                         "baseline over its num_particles draws per row: give "
+                         f"num_particles >= 2, got {k}")
+    has_mp = bool(target.params)
+    # a sampled local discrete latent holds the K draws per row on its own axis
+    n_global = 1 if (multi or guide.point_mass or sampled is not None) else k
     n_local = k if multi else 1
     need_stl = est.name in ("stl", "dreg")
     dreg = isinstance(est, DReG)
@@ -95,16 +100,19 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
     no_jac = set(guide.no_jacobian)
     aux_weight = disc.classifier_weight if disc is not None else 0.0
 
-    def discrete_part(lp, batch, rows, dtype):
+    def discrete_part(lp, batch, rows, dtype, key):
         """``(weights (E, B), entropy (B,), aux (B,), values (E, B)+shape or None, onehot
-        (E, B, width) or None)``."""
+        (E, B, width) or None, score)``: ``score`` is ``None`` (enumerated: E values, exact
+        weights) or ``(log q (E, B), seen (B,))`` of E = K sampled values per row."""
         b = rows.shape[0]
         if disc is None:
             zero = jnp.zeros((b,), dtype)
-            return jnp.ones((1, b), dtype), zero, zero, None, None
+            return jnp.ones((1, b), dtype), zero, zero, None, None, None
         s, c = dblock.size, dblock.num_values
         raw = disc.raw(lp[disc.name], batch, rows, None)
         logits = jax.nn.log_softmax(raw.reshape(b, s, c), -1)
+        if sampled is not None:
+            return sampled_part(logits, batch, b, s, c, dtype, key)
         grid = dblock.index_grid()  # (E, s)
         onehot = jax.nn.one_hot(grid, c, dtype=dtype)  # (E, s, C)
         log_qe = jnp.einsum("bsc,esc->eb", logits, onehot)
@@ -124,7 +132,28 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
                                   + dblock.shape)
         flat = jnp.broadcast_to(onehot.reshape(grid.shape[0], 1, s * c),
                                 (grid.shape[0], b, s * c))
-        return weights, ent, aux, values, flat
+        return weights, ent, aux, values, flat, None
+
+    def sampled_part(logits, batch, b, s, c, dtype, key):
+        """K draws ``k_e ~ q(y | x)`` per row (an observed row keeps its value), equal
+        weights 1/K; the entropy enters through the draws' ``-log q`` (in ``score``)."""
+        ks = jax.random.categorical(key, logits, axis=-1, shape=(k, b, s))  # (E, B, s)
+        seen = jnp.zeros((b,), bool)
+        aux = jnp.zeros((b,), dtype)
+        if dblock.observed is not None:
+            obs = jnp.asarray(batch[dblock.observed]).reshape(b, s).astype(jnp.int32) - \
+                dblock.low
+            seen = jnp.all((obs >= 0) & (obs < c), -1)
+            ks = jnp.where(seen[None, :, None], jnp.clip(obs, 0, c - 1)[None], ks)
+            log_obs = jnp.sum(jnp.take_along_axis(logits, jnp.clip(obs, 0, c - 1)[..., None],
+                                                  -1)[..., 0], -1)
+            aux = jnp.where(seen, log_obs, 0.0)
+        onehot = jax.nn.one_hot(ks, c, dtype=dtype)  # (E, B, s, C)
+        log_qe = jnp.einsum("bsc,ebsc->eb", logits, onehot)
+        weights = jnp.full((k, b), 1.0 / k, dtype)
+        values = dblock.values(ks.reshape(k, b, s))
+        return weights, jnp.zeros((b,), dtype), aux, values, onehot.reshape(k, b, s * c), \
+            (log_qe, seen)
 
     def local_draws(lp, batch, rows, onehot, key, n_e, dtype):
         """Per continuous factor: ``(u (L, E, B, size), log_q, log_q_stl (L, E, B))``."""
@@ -191,7 +220,9 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
 
     def particle(eps_g, key, gp, lp, mparams, batch, rows, scale, kl):
         dtype = scale.dtype
-        weights, ent, aux, values, onehot = discrete_part(lp, batch, rows, dtype)
+        key, k_disc = jax.random.split(key)
+        weights, ent, aux, values, onehot, score = discrete_part(lp, batch, rows, dtype,
+                                                                 k_disc)
         n_e = weights.shape[0]
         draws = local_draws(lp, batch, rows, onehot, key, n_e, dtype)
         log_q = sum((d[1] for d in draws.values()), jnp.zeros(weights.shape, dtype))
@@ -212,6 +243,13 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
             lp = log_lik(z_glob, us, values, batch)
             per_e = weights * bound(lp - (log_q_stl if need_stl else log_q))
         row = jnp.sum(per_e, 0) + ent + aux_weight * aux
+        if score is not None:  # REINFORCE for the sampled values, leave-one-out baseline
+            log_qe, seen = score
+            f = sg(per_e * k - log_qe)  # each draw's signal: its bound minus its log q
+            base = (jnp.sum(f, 0, keepdims=True) - f) / (k - 1)
+            term = jnp.where(seen[None], 0.0,
+                             sg(f - base) * (log_qe - sg(log_qe)) - sg(log_qe))
+            row = row + jnp.sum(term, 0) / k  # value: the draws' mean of -log q
         g = kl * glob if kl_weighted else glob
         return g + scale * jnp.sum(row)
 
