@@ -89,6 +89,11 @@ class Latent:
     local: bool = False
     observed: str | None = None
 
+    def __repr__(self) -> str:
+        extra = (", local=True" if self.local else "") + (
+            f", observed={self.observed!r}" if self.observed is not None else "")
+        return f"Latent(shape={self.shape}, support={self.support}{extra})"
+
     def __post_init__(self) -> None:
         _normalise_declaration(self)
         if not isinstance(self.local, bool):

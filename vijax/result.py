@@ -128,7 +128,7 @@ class Summary(Mapping):
         lines = [head, "-" * len(head)]
         for r in rows:
             lines.append(f"{r[0]:<{width}} " + " ".join(f"{v:>10.4g}" for v in r[1:]))
-        lines.append(f"({self.n_draws} draws from the fitted guide)" if rows else
+        lines.append(f"({self.n_draws} draws from the fitted guide)" if self._stats else
                      "(no global latents)")
         lines.extend(self.notes)
         return "\n".join(lines)
