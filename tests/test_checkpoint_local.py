@@ -97,6 +97,7 @@ def test_local_round_trip_bitwise(res, saved):
         vj.importance_log_likelihood(res, DATA, num_samples=50, key=0))
 
 
+@pytest.mark.slow  # 30 s; the round trip stays in the default suite
 def test_local_resume_from_loaded_equals_resume_from_original(res, saved):
     back = vj.load(saved, MODEL)
     kw = dict(steps=30, progress=False, psis_draws=0)  # the fit's chunk: a reuses its program

@@ -217,6 +217,7 @@ def test_odeint_model_fits_by_default_against_quadrature():
         res.diagnostics.ladder[0][0] == "laplace"
 
 
+@pytest.mark.slow  # 31 s on 2 cores
 def test_default_fit_with_discrete_latents_returns_a_variational_rung():
     # no Laplace rung (discrete latents): the delta rung only starts the ladder and is never
     # returned; p(x | b) is bimodal, so the factorised q is flagged

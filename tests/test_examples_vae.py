@@ -23,6 +23,7 @@ def _load():
     return module
 
 
+@pytest.mark.slow  # the example's smoke run, 15 s
 def test_vae_example_runs(tmp_path):
     vae = _load()
     table = vae.main(["--skip-mnist", "--digits-epochs", "1", "--iwae-k", "--test-rows", "5",

@@ -156,6 +156,7 @@ def _banana_plus(z, d):
 BANANA_PLUS = vj.Model(_banana_plus, {"x": vj.Latent((2,)), "w": vj.Latent()})
 
 
+@pytest.mark.slow  # 20 s on 2 cores
 def test_flow_block_in_structured_guide_and_warm_start():
     small = vj.guides.Spline(num_layers=2, num_bins=4, hidden=(8,))
     mf = raw_fit(BANANA_PLUS, guide="meanfield", steps=500, key=jax.random.key(0),

@@ -470,8 +470,8 @@ def _fit_with(kind):
     return _FITS[kind]
 
 
-@pytest.mark.parametrize("kind", ["equinox", "nnx", pytest.param("linen",
-                                                                   marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", [pytest.param("equinox", marks=pytest.mark.slow), "nnx",
+                                  pytest.param("linen", marks=pytest.mark.slow)])
 def test_library_encoders_match_function_pair(kind):
     if kind != "equinox":
         pytest.importorskip("flax")

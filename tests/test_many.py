@@ -188,6 +188,7 @@ def test_ladder_stops_at_meanfield_on_an_independent_gaussian():
     assert raw_fit(INDEPENDENT, guide=only, progress=False).diagnostics.rung == "laplace"
 
 
+@pytest.mark.slow  # 23 s on 2 cores
 def test_ladder_climbs_past_meanfield_on_a_correlated_gaussian():
     res = raw_fit(CORRELATED, guide=NO_LAPLACE, progress=False, key=jax.random.key(0))
     d = res.diagnostics
