@@ -25,21 +25,19 @@ The encoder's input is one observation: the data row (every leaf, or the leaves 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from vijax.guides.base import softplus, softplus_inverse
 from vijax.guides.iaf import iaf_layer
+from vijax.guides.local_gaussian import gaussian_family
 from vijax.nets import as_network, auto_hidden, flatten_input, mlp
 
 __all__ = ["Amortized", "LocalTable", "LocalFactor", "build_factor", "LOCAL_FAMILIES"]
 
 LOCAL_FAMILIES = ("meanfield", "fullrank", "iaf", "delta", "categorical")
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _check_scale(init_scale, where):
@@ -210,43 +208,6 @@ def _select(inputs, row, exclude=()):
     return row[keys[0]] if isinstance(inputs, str) else tuple(row[k] for k in keys)
 
 
-def _gaussian(size, init_scale, family):
-    """``(out_size, draw, log_prob, mean)`` of a Gaussian family read from a raw vector."""
-    n_low = size * (size - 1) // 2 if family == "fullrank" else 0
-    out = 2 * size + n_low
-    rows, cols = jnp.tril_indices(size, -1)
-
-    def parts(raw):
-        loc = raw[..., :size]
-        c = softplus_inverse(jnp.asarray(init_scale, raw.dtype))
-        s = softplus(raw[..., size:2 * size] + c)
-        return loc, s, raw[..., 2 * size:]
-
-    def tril(s, low):
-        n = jnp.zeros(s.shape + (size,), s.dtype).at[..., rows, cols].set(low)
-        return s[..., :, None] * (jnp.eye(size, dtype=s.dtype) + n)
-
-    def draw(params, raw, eps):
-        loc, s, low = parts(raw)
-        if family == "fullrank":
-            u = loc + jnp.einsum("...ij,...j->...i", tril(s, low), eps)
-        else:
-            u = loc + s * eps
-        log_q = -jnp.sum(jnp.log(s), -1) - 0.5 * jnp.sum(eps**2, -1) - 0.5 * size * _LOG_2PI
-        return u, log_q
-
-    def log_prob(params, raw, u):
-        loc, s, low = parts(raw)
-        if family == "fullrank":
-            eps = jax.scipy.linalg.solve_triangular(tril(s, low), (u - loc)[..., None],
-                                                    lower=True)[..., 0]
-        else:
-            eps = (u - loc) / s
-        return -jnp.sum(jnp.log(s), -1) - 0.5 * jnp.sum(eps**2, -1) - 0.5 * size * _LOG_2PI
-
-    return out, draw, log_prob, lambda params, raw: parts(raw)[0]
-
-
 def build_factor(spec, block, example_row, n_rows: int, given_sizes: dict[str, int],
                  exclude: tuple[str, ...] = ()) -> LocalFactor:
     """The :class:`LocalFactor` of ``spec`` (:class:`Amortized` or :class:`LocalTable`) for
@@ -315,7 +276,7 @@ def build_factor(spec, block, example_row, n_rows: int, given_sizes: dict[str, i
             return raw
     else:
         base = "meanfield" if family == "iaf" else family
-        out, g_draw, g_log_prob, mean = _gaussian(size, spec.init_scale, base)
+        out, g_draw, g_log_prob, mean = gaussian_family(size, spec.init_scale, base)
         noise_dim, point_mass = size, False
         if family == "iaf":
             hidden = spec.flow_hidden or (max(32, 4 * size),)
