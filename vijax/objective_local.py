@@ -220,7 +220,9 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
 
     def particle(eps_g, key, gp, lp, mparams, batch, rows, scale, kl):
         dtype = scale.dtype
-        key, k_disc = jax.random.split(key)
+        k_disc = None
+        if sampled is not None:  # (other fits keep the key path of their continuous draws)
+            key, k_disc = jax.random.split(key)
         weights, ent, aux, values, onehot, score = discrete_part(lp, batch, rows, dtype,
                                                                  k_disc)
         n_e = weights.shape[0]
