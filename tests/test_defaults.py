@@ -60,7 +60,7 @@ def test_regression_is_ill_conditioned():
     assert np.linalg.cond(REG_PREC) > 1e4 and np.max(np.abs(corr - np.eye(4))) > 0.5
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("guide", ["fullrank", "lowrank"])
 def test_gaussian_families_recover_the_exact_posterior(dtype, guide):
     with precision(dtype):

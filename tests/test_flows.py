@@ -182,6 +182,7 @@ def test_flow_block_in_structured_guide_and_warm_start():
         raw_fit(other, init_from=mf)
 
 
+@pytest.mark.slow  # 7-9 s on 2 cores; kept out of the default suite's time
 def test_flow_fit_in_float64():
     with precision("float64"):
         res = raw_fit(BANANA_PLUS, guide=vj.guides.RealNVP(num_layers=2, hidden=(8,)),

@@ -61,7 +61,8 @@ def _close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", [NORMAL, FLAKY], ids=["normal", "nan-draws"])
+@pytest.mark.parametrize("model", [NORMAL, pytest.param(FLAKY, marks=pytest.mark.slow)],
+                         ids=["normal", "nan-draws"])
 # 1 group, 3 of 44 (+2 padding), 3 of 50; the default suite keeps the padded case (130), the
 # others run under the slow marker (each case compiles two programs)
 @pytest.mark.parametrize("chunk", [pytest.param(37, marks=pytest.mark.slow), 130,

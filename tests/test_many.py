@@ -76,6 +76,7 @@ def test_a_failing_lane_fails_alone():
     assert many.best().diagnostics.stop_reason != "failed"
 
 
+@pytest.mark.slow  # 7-9 s on 2 cores; kept out of the default suite's time
 def test_lanes_per_batch_gives_the_same_lanes():
     full = vj.fit_many(NORMAL, YS, data_axes=0, keys=KEYS, progress=False, convergence=None,
                        steps=400, psis_draws=0)
@@ -178,6 +179,7 @@ CORRELATED = vj.Model(lambda z, d: dist.MultivariateNormal(
 NO_LAPLACE = vj.guides.Ladder(rungs=("delta", "meanfield", "lowrank", "fullrank", "iaf"))
 
 
+@pytest.mark.slow  # 7-9 s on 2 cores; kept out of the default suite's time
 def test_ladder_stops_at_meanfield_on_an_independent_gaussian():
     res = raw_fit(INDEPENDENT, guide=NO_LAPLACE, progress=False, key=jax.random.key(0))
     d = res.diagnostics

@@ -79,7 +79,8 @@ INIT = exact_log_lik({"b": jnp.zeros(NH), "W": jnp.asarray(_W0, jnp.float32),
 
 @pytest.mark.parametrize("estimator,gain", [
     (vj.estimators.RWS(), 1.8),  # measured: -5.62 -> -3.47 (2.15 nats per row)
-    (vj.estimators.WakeSleep(_sbn_sample), 1.4),  # measured: -5.62 -> -3.76 (1.86)
+    pytest.param(vj.estimators.WakeSleep(_sbn_sample), 1.4,  # measured: -5.62 -> -3.76
+                 marks=pytest.mark.slow),
 ], ids=["rws", "wake_sleep"])
 def test_wake_sleep_raises_the_exact_log_likelihood_of_a_sigmoid_belief_net(estimator, gain):
     res = vj.fit(SBN, X, estimator=estimator, **FIT)
