@@ -40,7 +40,7 @@ from vijax.start import (
 )
 from vijax.trust import _check_finite_params, _nonfinite_error, _psis_check, warn_if_untrusted
 
-__all__ = ["fit_single", "family_defaults"]
+__all__ = ["fit_single", "family_defaults", "run_chunks"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,34 +144,11 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
                 state = restart((gparams, mparams) if target.params else gparams)
         previous = np.zeros((0,), dtype)
 
-    begin = int(state.step)
-    total = jnp.asarray(begin + steps, jnp.int32)
-    # the averaging window is a fraction of all steps (a resumed fit's included)
-    avg_start = jnp.asarray(begin + steps - math.floor(average * (begin + steps)), jnp.int32)
-    first_chunk_end = jnp.asarray(begin + chunk_len, jnp.int32)
-    limit = jnp.asarray(max_consecutive, jnp.int32)
-    chunks = []
-    args = _feed_args(feed, host, n_obs, k_loop)
-    loop_data = () if host is not None else data
-    with _progress_bar(progress, steps, objective.name, _epochs(feed, n_obs)) as bar:
-        pending = None if host is None else host.chunk(feed.minibatch, begin, chunk_len,
-                                                       args["seed_host"])
-        for i in range(math.ceil(steps / chunk_len)):
-            feed_args = None if feed is None else _chunk_args(args, pending)
-            state, losses = runner(state, loop_data, k_loop, total, avg_start,
-                                   first_chunk_end, limit, feed_args)
-            if host is not None and i + 1 < math.ceil(steps / chunk_len):
-                # the next chunk's batches: gathered and shipped while this chunk runs
-                pending = host.chunk(feed.minibatch, begin + (i + 1) * chunk_len, chunk_len,
-                                     args["seed_host"])
-            chunks.append(losses)
-            done = int(state.step) - begin
-            bar.update(done, losses)
-            if bool(stopped(state)):
-                break
-    n_run = int(state.step) - begin
-    losses = np.concatenate([previous] + [np.asarray(c) for c in chunks])[:begin + n_run]
-    wall = time.perf_counter() - t0
+    state, losses, n_run, wall = run_chunks(
+        runner, state, data, k_loop, steps=steps, chunk_len=chunk_len, average=average,
+        max_consecutive=max_consecutive, feed=feed, host=host, n_obs=n_obs,
+        progress=progress, name=objective.name, previous=previous, t0=t0)
+    begin = int(state.step) - n_run
 
     conv = state.conv if isinstance(state.conv, ConvState) else None
     converged = conv is not None and bool(conv.converged)
@@ -197,6 +174,43 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
                     "converged" if converged else "max_steps", check, feed)
     warn_if_untrusted(res, stacklevel=4)  # the warning names the line that called vj.fit
     return res
+
+def run_chunks(runner, state, data, k_loop, *, steps: int, chunk_len: int, average: float,
+               max_consecutive: int, feed, host, n_obs, progress, name: str,
+               previous: np.ndarray, t0: float):
+    """The host's chunk loop of a fit: ``runner`` (a program's ``run_chunk``) called until
+    the stopping rule or ``steps``, a stream's next batches gathered and shipped while a
+    chunk runs, the progress bar updated per chunk. Returns ``(state, losses (all steps run,
+    ``previous`` included), steps run now, wall seconds since t0)``."""
+    begin = int(state.step)
+    total = jnp.asarray(begin + steps, jnp.int32)
+    # the averaging window is a fraction of all steps (a resumed fit's included)
+    avg_start = jnp.asarray(begin + steps - math.floor(average * (begin + steps)), jnp.int32)
+    first_chunk_end = jnp.asarray(begin + chunk_len, jnp.int32)
+    limit = jnp.asarray(max_consecutive, jnp.int32)
+    chunks = []
+    args = _feed_args(feed, host, n_obs, k_loop)
+    loop_data = () if host is not None else data
+    n_chunks = math.ceil(steps / chunk_len)
+    with _progress_bar(progress, steps, name, _epochs(feed, n_obs)) as bar:
+        pending = None if host is None else host.chunk(feed.minibatch, begin, chunk_len,
+                                                       args["seed_host"])
+        for i in range(n_chunks):
+            feed_args = None if feed is None else _chunk_args(args, pending)
+            state, losses = runner(state, loop_data, k_loop, total, avg_start,
+                                   first_chunk_end, limit, feed_args)
+            if host is not None and i + 1 < n_chunks:
+                # the next chunk's batches: gathered and shipped while this chunk runs
+                pending = host.chunk(feed.minibatch, begin + (i + 1) * chunk_len, chunk_len,
+                                     args["seed_host"])
+            chunks.append(losses)
+            bar.update(int(state.step) - begin, losses)
+            if bool(stopped(state)):
+                break
+    n_run = int(state.step) - begin
+    losses = np.concatenate([previous] + [np.asarray(c) for c in chunks])[:begin + n_run]
+    return state, losses, n_run, time.perf_counter() - t0
+
 
 def _resumable_state(res: FitResult, rule) -> FitState:
     """The result's loop state with its stop flags cleared (and the rule's state fitted)."""

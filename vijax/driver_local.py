@@ -7,7 +7,6 @@ weights), and a per-row importance check in place of the global PSIS check
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -18,12 +17,11 @@ import numpy as np
 from vijax.checks import _check_int, _check_key, _resolve_dtype, _trace
 from vijax.convergence import Convergence, ConvState, block_params
 from vijax.data import Feed
-from vijax.driver import _assemble, _progress_bar, _resumable_state, _skipped_before
-from vijax.feeding import _chunk_args, _data_feed, _epochs, _feed_args
+from vijax.driver import _assemble, _resumable_state, _skipped_before, run_chunks
+from vijax.feeding import _data_feed
 from vijax.guides.amortized import LocalTable
 from vijax.guides.local import LocalSpec, example_row, resolve_local_spec, row_signature
 from vijax.local_weights import row_check
-from vijax.loop import stopped
 from vijax.model import Model
 from vijax.optim import local_default_optimizer
 from vijax.program import Problem, compile_problem
@@ -158,31 +156,11 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
         fixed, mask = _fixed_init(target, init, dtype)
         _, theta0, _, state, k_loop = start(key, data if host is None else probe, fixed, mask)
         previous = np.zeros((0,), dtype)
-    begin = int(state.step)
-    total = jnp.asarray(begin + steps, jnp.int32)
-    avg_start = jnp.asarray(begin + steps - math.floor(average * (begin + steps)), jnp.int32)
-    first_chunk_end = jnp.asarray(begin + chunk_len, jnp.int32)
-    limit = jnp.asarray(max_consecutive, jnp.int32)
-    args = _feed_args(feed, host, n_obs, k_loop)
-    loop_data = () if host is not None else data
-    chunks = []
-    n_chunks = math.ceil(steps / chunk_len)
-    with _progress_bar(progress, steps, objective.name, _epochs(feed, n_obs)) as bar:
-        pending = None if host is None else host.chunk(feed.minibatch, begin, chunk_len,
-                                                       args["seed_host"])
-        for i in range(n_chunks):
-            state, losses = runner(state, loop_data, k_loop, total, avg_start,
-                                   first_chunk_end, limit, _chunk_args(args, pending))
-            if host is not None and i + 1 < n_chunks:
-                pending = host.chunk(feed.minibatch, begin + (i + 1) * chunk_len, chunk_len,
-                                     args["seed_host"])
-            chunks.append(losses)
-            bar.update(int(state.step) - begin, losses)
-            if bool(stopped(state)):
-                break
-    n_run = int(state.step) - begin
-    losses = np.concatenate([previous] + [np.asarray(c) for c in chunks])[:begin + n_run]
-    wall = time.perf_counter() - t0
+    state, losses, n_run, wall = run_chunks(
+        runner, state, data, k_loop, steps=steps, chunk_len=chunk_len, average=average,
+        max_consecutive=max_consecutive, feed=feed, host=host, n_obs=n_obs,
+        progress=progress, name=objective.name, previous=previous, t0=t0)
+    begin = int(state.step) - n_run
     conv = state.conv if isinstance(state.conv, ConvState) else None
     converged = conv is not None and bool(conv.converged)
     params = block_params(conv) if converged else state.avg_params
