@@ -49,8 +49,9 @@ def check_local_model(model: Model, batch: Any, dtype) -> None:
     theta = jax.ShapeDtypeStruct((target.full_dim,), dtype)
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
-        raise ValueError("a model with local latents needs data: the leading axis of every "
-                         "data leaf is the observation axis, one local value per row")
+        what = "local latents" if target.has_locals else "Bayesian layers"
+        raise ValueError(f"a model with {what} needs data: the leading axis of every "
+                         "data leaf is the observation axis")
     b = int(np.shape(leaves[0])[0])
     shapes = {bl.name: bl.shape for bl in target.blocks}
     shapes.update({bl.name: (b,) + bl.shape for bl in layout.blocks})
@@ -177,7 +178,12 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
     res = _assemble(model, guide_fns, spec, params, state, losses, objective, optimizer,
                     theta0, k_loop, estimator, num_particles, wall, begin + steps,
                     "converged" if converged else "max_steps", None, feed)
-    if psis_draws != 0:
+    if target.layers and not target.has_locals:
+        res = dataclasses.replace(res, diagnostics=res.diagnostics._replace(
+            k_hat_reading="not computed (Bayesian layers: their KL enters the bound in closed "
+                          "form and the weights are never importance-weighted; check the "
+                          "predictive with vj.metrics)"))
+    elif psis_draws != 0:
         med, _, reading, draws = row_check(
             res, data if host is None else host.gather(np.arange(min(host.n, 4096))),
             jax.random.fold_in(key, 7), num_samples=min(psis_draws or 1000, 1000))

@@ -172,7 +172,7 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress,
         convergence)
     target = model.target
-    if target.locals is None and estimator is not None and getattr(
+    if not target.has_locals and estimator is not None and getattr(
             resolve_estimator(estimator), "name", "") in ("rws", "wake_sleep"):
         raise ValueError(f"estimator {estimator!r} (wake-sleep) trains the guides of local "
                          "latents (vj.Latent(..., local=True)); this model has none: use "
@@ -208,7 +208,7 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         spec, estimator, optimizer = resume.guide_spec, resume.estimator, resume.optimizer
         num_particles = resume.diagnostics.num_particles
         dtype = jax.tree_util.tree_leaves(resume.params)[0].dtype
-    if target.locals is not None:  # local latents: vijax.driver_local
+    if target.locals is not None:  # local latents or Bayesian layers: vijax.driver_local
         if init_from is not None:
             raise ValueError("init_from is not available for a model with local latents; "
                              "use init= for the global latents, or resume= to continue")

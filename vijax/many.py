@@ -251,8 +251,10 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     rule = resolve_convergence(convergence)
     target = model.target
     if target.locals is not None:
-        raise ValueError(f"fit_many does not fit models with local latents "
-                         f"({list(target.locals.names)}) yet: fit each dataset with vj.fit")
+        what = (f"local latents ({list(target.locals.names)})" if target.has_locals else
+                f"Bayesian layers ({[b.name for b in target.layers]})")
+        raise ValueError(f"fit_many does not fit models with {what} yet: fit each dataset "
+                         "with vj.fit")
     spec = resolve_spec("meanfield" if guide is None else guide)
     estimator = resolve_estimator("auto" if estimator is None else estimator)
     if num_particles is None:

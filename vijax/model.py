@@ -229,10 +229,36 @@ def _validate_params(params: Any, latents: Mapping[str, Latent]) -> dict[str, Pa
     return out
 
 
-def _validate_latents(latents: Any) -> dict[str, Latent]:
+def _split_layers(latents: Any, layers: Any) -> tuple[Any, dict]:
+    """Bayesian layers (:mod:`vijax.nn`) given among the latents move to their own dict."""
+    from vijax.nn.layers import Layer
+
+    if layers is None:
+        layers = {}
+    if not isinstance(layers, Mapping):
+        raise TypeError(f"layers must be a dict from name to a vj.nn layer, got {type(layers)}")
+    layers = dict(layers)
+    for name, lay in layers.items():
+        if not isinstance(lay, Layer):
+            raise TypeError(f"layer {name!r} must be a vj.nn layer (vj.nn.Dense, ...), got "
+                            f"{lay!r}")
+    if isinstance(latents, Mapping):
+        for name, v in latents.items():
+            if isinstance(v, Layer):
+                if name in layers:
+                    raise ValueError(f"{name!r} is declared twice (in latents and layers)")
+                layers[name] = v
+        latents = {k: v for k, v in latents.items() if not isinstance(v, Layer)}
+    for name in layers:
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"invalid layer name {name!r}: names must be Python identifiers")
+    return latents, layers
+
+
+def _validate_latents(latents: Any, allow_empty: bool = False) -> dict[str, Latent]:
     if not isinstance(latents, Mapping):
         raise TypeError(f"latents must be a dict from name to vj.Latent, got {type(latents)}")
-    if not latents:
+    if not latents and not allow_empty:
         raise ValueError("a model needs at least one latent; got an empty latents dict")
     out = {}
     for name, lat in latents.items():
@@ -263,6 +289,11 @@ class Model:
         params: dict from name to :class:`Param`: learnable model parameters, passed to the
             model in the same dict ``z`` as the latents (constrained values) and optimised
             jointly with the guide (type-II maximum likelihood); ``res.model_params``.
+        layers: dict from name to a Bayesian layer (:mod:`vijax.nn`: ``Dense``,
+            ``DropoutDense``, ``SparseDense``), which may also be given among ``latents``.
+            The model receives a callable ``z[name](h)``; each layer carries its own prior
+            and mean-field posterior, whose KL enters the ELBO's global term. Factorised
+            form only; a model may have layers and no latents.
 
     Example:
         >>> import numpyro.distributions as dist
@@ -279,13 +310,25 @@ class Model:
     data: Any = None
     target: Any = dataclasses.field(default=None, repr=False)
     params: Mapping[str, Param] = dataclasses.field(default_factory=dict)
+    layers: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from vijax.target import Target  # the target stage is built from the spec, once
 
-        object.__setattr__(self, "latents", _validate_latents(self.latents))
+        latents, layers = _split_layers(self.latents, self.layers)
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "latents", _validate_latents(latents, bool(layers)))
         object.__setattr__(self, "params", _validate_params(self.params, self.latents))
+        for name in layers:
+            if name in self.params or name in self.latents:
+                raise ValueError(f"{name!r} is declared both as a Bayesian layer and as a "
+                                 "latent or parameter")
         factorised = self.log_prior is not None or self.log_likelihood is not None
+        if layers and not factorised:
+            raise ValueError(f"Bayesian layer {next(iter(layers))!r} needs the factorised "
+                             "form of the model: give log_prior(z) (the other latents' "
+                             "priors; the layers carry their own) and log_likelihood(z, "
+                             "data) -> one value per observation, instead of one log_joint")
         if self.log_joint is not None and factorised:
             raise ValueError("give either log_joint, or log_prior and log_likelihood, not both")
         if self.log_joint is None and not factorised:
@@ -420,8 +463,8 @@ def check_influence(model: Model, data: Any, dtype: Any) -> None:
     names = target.names + target.discrete_names
     z = ([jax.ShapeDtypeStruct(b.shape, dtype) for b in target.blocks]
          + [jax.ShapeDtypeStruct(b.shape, jnp.int32) for b in target.discrete]
-         + [jax.ShapeDtypeStruct(b.shape, dtype) for b in target.params])
-    keys = names + target.param_names  # the parameters' bits follow the latents'
+         + [jax.ShapeDtypeStruct(b.shape, dtype) for b in target.plain_params])
+    keys = names + tuple(b.name for b in target.plain_params)  # parameters' bits follow
 
     def density(zs, data):
         return model.log_density(dict(zip(keys, zs, strict=True)), data)

@@ -66,7 +66,12 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
     if kl_weighted and multi:
         raise ValueError(f"kl_weight scales the ELBO's prior-minus-entropy term; the "
                          f"{est.name!r} estimator's multi-sample bound has no such term")
-    if kl_weighted and target.dim == 0:
+    if target.layers and multi:
+        raise ValueError(f"the Bayesian layers ({[b.name for b in target.layers]}) enter the "
+                         f"bound through their KL in closed form, which the {est.name!r} "
+                         "estimator's multi-sample bound has no place for: use "
+                         "estimator='reparam' or 'stl'")
+    if kl_weighted and target.dim == 0 and not target.layers:
         raise ValueError("kl_weight weights the global latents' prior-minus-entropy term, and "
                          "this model has no global latents; a local latent's KL lives in the "
                          "per-row log_likelihood (scale its prior there, e.g. a beta-VAE)")
@@ -99,6 +104,7 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
     cblocks = {f.name: layout.block(f.name) for f in cont}
     no_jac = set(guide.no_jacobian)
     aux_weight = disc.classifier_weight if disc is not None else 0.0
+    layers = bool(target.layers)
 
     def discrete_part(lp, batch, rows, dtype, key):
         """``(weights (E, B), entropy (B,), aux (B,), values (E, B)+shape or None, onehot
@@ -194,6 +200,8 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
             return jnp.asarray(target.log_likelihood(z, batch)) + ld
 
         us = [draws[n] for n in names]
+        if not us and values is None:  # no local latents (Bayesian layers only)
+            return jnp.asarray(target.log_likelihood(dict(z_glob), batch))[None, None]
         if not us:  # only a discrete local latent: nothing drawn, one "draw" per value
             return jax.vmap(lambda vals: one((), vals))(values)[None]
         if values is None:
@@ -207,11 +215,12 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
         s = 1.0 - alpha
         return (logsumexp(s * log_w, 0) - jnp.log(log_w.shape[0])) / s
 
-    def global_draw(gp, mparams, eps, dtype):
+    def global_draw(gp, mparams, eps, dtype, k_layers=None):
         theta, log_q = guide.transform(gp, eps)
         if need_stl and not guide.point_mass:
             log_q = guide.log_q(sg(gp), theta)
-        z, log_det = target._values(theta, mparams)
+        # with Bayesian layers: their values (noise from k_layers) and -KL per layer
+        z, log_det = target._values(theta, mparams, k_layers)
         glob = jnp.asarray(target.log_prior(z))
         for name, ld in log_det.items():
             if name not in no_jac:
@@ -220,9 +229,11 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
 
     def particle(eps_g, key, gp, lp, mparams, batch, rows, scale, kl):
         dtype = scale.dtype
-        k_disc = None
+        k_disc = k_layers = None
         if sampled is not None:  # (other fits keep the key path of their continuous draws)
             key, k_disc = jax.random.split(key)
+        if layers:
+            key, k_layers = jax.random.split(key)
         weights, ent, aux, values, onehot, score = discrete_part(lp, batch, rows, dtype,
                                                                  k_disc)
         n_e = weights.shape[0]
@@ -230,10 +241,10 @@ def make_local_objective(target, guide, factors, estimator="auto", num_particles
         log_q = sum((d[1] for d in draws.values()), jnp.zeros(weights.shape, dtype))
         log_q_stl = sum((d[2] for d in draws.values()), jnp.zeros(weights.shape, dtype))
         us = {n: d[0] for n, d in draws.items()}
-        z_glob, glob = global_draw(gp, mparams, eps_g, dtype)
+        z_glob, glob = global_draw(gp, mparams, eps_g, dtype, k_layers)
         if dreg:
             mp_stop = sg(mparams) if mparams is not None else None
-            z_enc, _ = global_draw(sg(gp), mp_stop, eps_g, dtype)
+            z_enc, _ = global_draw(sg(gp), mp_stop, eps_g, dtype, k_layers)
             lp_enc = log_lik(sg(z_enc), us, values, batch)
             lp_mod = log_lik(z_glob, {n: sg(u) for n, u in us.items()}, values, batch)
             log_w = sg(lp_mod) - sg(log_q)

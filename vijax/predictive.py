@@ -50,12 +50,25 @@ class _BadOutput(Exception):
     """``fn`` returned something other than a non-empty pytree of arrays."""
 
 
-def _one_draw(target, guide, fn: Callable, with_key: bool) -> Callable:
-    """``(key, fn_key, params) -> fn(z)`` for one draw ``z = T(theta)``, ``theta ~ q``."""
+# the Bayesian layers' weight draw of a posterior draw comes from fold_in(its key, _LAYERS)
+_LAYERS = 0xFFFFFFFE
 
-    def one(key, fn_key, params):
-        theta, _ = guide.sample(key, params)
-        z = target.constrain(theta)
+
+def draw_values(target, guide, key, params, mparams):
+    """One posterior draw of everything the model receives: the latents ``T(theta)``,
+    ``theta ~ q``, the fitted model parameters, and one weight draw of every Bayesian
+    layer (a fixed layer: ``z[name](h)`` is deterministic)."""
+    theta, _ = guide.sample(key, params)
+    if not target.params:
+        return target.constrain(theta)
+    return target.values(theta, mparams, jax.random.fold_in(key, _LAYERS), "sample")
+
+
+def _one_draw(target, guide, fn: Callable, with_key: bool) -> Callable:
+    """``(key, fn_key, params, mparams) -> fn(z)`` for one draw (:func:`draw_values`)."""
+
+    def one(key, fn_key, params, mparams):
+        z = draw_values(target, guide, key, params, mparams)
         return fn(fn_key, z) if with_key else fn(z)
 
     return one
@@ -63,7 +76,7 @@ def _one_draw(target, guide, fn: Callable, with_key: bool) -> Callable:
 
 def _build_chunk(target, guide, fn: Callable, with_key: bool) -> Callable:
     one = _one_draw(target, guide, fn, with_key)
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
 
 
 # one jitted function per (model, guide, fn): jit then compiles once per chunk size
@@ -81,8 +94,9 @@ def _chunk_fn(target, guide, fn: Callable, with_key: bool) -> Callable:
 def _output_shapes(res: FitResult, fn: Callable, key: jax.Array, with_key: bool) -> Any:
     """Trace ``fn`` on one abstract draw; errors name ``fn`` and the latents it was given."""
     target, guide = res.target, res.guide
-    z = jax.eval_shape(lambda k: target.constrain(guide.sample(k, res.params)[0]), key)
-    given = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in z.items())
+    z = jax.eval_shape(lambda k: draw_values(target, guide, k, res.params, res.mparams), key)
+    given = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" if hasattr(v, "shape") else
+                      f"{k}: {v!r}" for k, v in z.items())
     call = "fn(key, z)" if with_key else "fn(z)"
 
     def checked(k, z):
@@ -127,7 +141,10 @@ def predictive(res: FitResult, fn: Callable, key: jax.Array, n: int, *,
     Args:
         res: a fitted :class:`vijax.FitResult`.
         fn: ``z -> pytree of arrays`` for one draw, where ``z`` is the dict of constrained
-            latent values of the declared shapes (discrete latents int32). With
+            latent values of the declared shapes (discrete latents int32), the fitted model
+            parameters (:class:`vijax.Param`) and, for each Bayesian layer
+            (:mod:`vijax.nn`), a layer with one weight draw from its posterior (the same
+            weights for every input row: ``z["l1"](x_new)``). With
             ``with_key=True``: ``(key, z) -> pytree``, with an independent key per draw.
         key: a JAX PRNG key.
         n: number of draws (>= 1).
@@ -186,10 +203,11 @@ def predictive(res: FitResult, fn: Callable, key: jax.Array, n: int, *,
     for start in range(0, n, chunk):
         stop = min(chunk, n - start)
         if stop == chunk:
-            out = run(keys[start:start + chunk], fn_keys[start:start + chunk], res.params)
+            out = run(keys[start:start + chunk], fn_keys[start:start + chunk], res.params,
+                      res.mparams)
         else:  # the last chunk repeats the final key up to the chunk size: one compiled shape
             idx = np.minimum(np.arange(start, start + chunk), n - 1)
-            out = run(keys[idx], fn_keys[idx], res.params)
+            out = run(keys[idx], fn_keys[idx], res.params, res.mparams)
             out = jax.tree_util.tree_map(lambda x, stop=stop: x[:stop], out)
         outs.append(out)
     if len(outs) == 1:

@@ -137,6 +137,10 @@ def _compile_local(problem: Problem) -> Program:
         problem.optimizer, problem.spec
     gguide = build_guide(spec.global_spec, target)
     factors = build_local(spec, target, example_row(spec.row))
+    if is_wake_sleep(problem.estimator) and target.layers:
+        raise ValueError(f"wake-sleep trains the guides of local latents; the Bayesian layers "
+                         f"({[b.name for b in target.layers]}) are trained by the ELBO: use "
+                         "estimator='reparam' or 'stl'")
     if is_wake_sleep(problem.estimator):  # vijax.objective_wake_sleep
         rows = feed.minibatch.batch_size if feed.minibatch is not None else spec.n_rows
         objective = make_wake_sleep_objective(
@@ -156,7 +160,10 @@ def _compile_local(problem: Problem) -> Program:
             lambda a: a.astype(theta.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
             row), spec.n_rows, theta.dtype) for f, k in zip(factors, keys, strict=True)}
         gparams = {"global": gguide.init(k_guide, theta), "local": local}
-        return (gparams, target.param_init(theta.dtype)) if target.params else gparams
+        if not target.params:
+            return gparams
+        # the Bayesian layers' random initial weights (other fits keep their key path)
+        return gparams, target.param_init(theta.dtype, jax.random.fold_in(key, _LAYER_STREAM))
 
     @jax.jit
     def start(key, data, fixed, mask):
@@ -171,6 +178,9 @@ def _compile_local(problem: Problem) -> Program:
         params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
         rule, feed))
     return Program(problem, guide, objective, start, runner, restart)
+
+
+_LAYER_STREAM = 0x4C415952  # fold_in counter of the Bayesian layers' initial weights
 
 
 @functools.lru_cache(maxsize=128)

@@ -190,16 +190,19 @@ class FitResult:
         return (f"FitResult(guide={self.guide.name!r}, objective={d.objective!r}, "
                 f"steps={d.n_steps}, stop={d.stop_reason!r}, final_loss={d.final_loss:.6g}, "
                 f"k_hat={d.k_hat:.3g}, latents={list(self.target.all_names)}"
-                + (f", local={list(self.target.locals.names)}" if self.target.locals
-                   is not None else "")
-                + (f", params={list(self.target.param_names)}" if self.target.params else "")
+                + (f", local={list(self.target.locals.names)}" if self.target.has_locals
+                   else "")
+                + (f", params={[b.name for b in self.target.plain_params]}"
+                   if self.target.plain_params else "")
+                + (f", layers={[b.name for b in self.target.layers]}" if self.target.layers
+                   else "")
                 + ")")
 
     @property
     def model_params(self) -> dict[str, jax.Array]:
         """The fitted model parameters (:class:`vijax.Param`), constrained: a dict from
         name to an array of the declared shape (empty for a model without parameters)."""
-        if not self.target.params:
+        if not self.target.plain_params:
             return {}
         dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
         return self.target.constrain_params(self.mparams, dtype)
@@ -280,12 +283,14 @@ class FitResult:
     def _summary_notes(self) -> tuple[str, ...]:
         notes = []
         target = self.model.target
-        if target.params:
+        if target.plain_params:
             mp = self.model_params
             notes.append("model parameters (point estimates, res.model_params): " + ", ".join(
                 f"{k} {tuple(np.shape(v))}" if np.size(v) > 4 else
                 f"{k}={np.array2string(np.asarray(v), precision=4)}" for k, v in mp.items()))
-        if target.locals is not None:
+        for b in target.layers:
+            notes.append(f"layer {b.name}: {b.layer.describe()} (vj.nn.posterior(res))")
+        if target.has_locals:
             notes.append("local latents (one per observation; vj.local_posterior(res, data)): "
                          + ", ".join(f"{b.name} {b.shape}" for b in target.locals.blocks))
         return tuple(notes)

@@ -29,7 +29,7 @@ import numpy as np
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import IdentityTransform, Transform, biject_to
 
-from vijax.locals import local_layout
+from vijax.locals import LocalLayout, local_layout
 
 __all__ = ["Target", "LatentBlock", "DiscreteBlock", "ParamBlock", "MAX_NUM_VALUES"]
 
@@ -104,6 +104,25 @@ class ParamBlock:
 
     def __repr__(self) -> str:
         return f"ParamBlock({self.name!r}, shape={self.shape}, support={self.support})"
+
+
+class LayerBlock(ParamBlock):
+    """A Bayesian layer (:mod:`vijax.nn`): its variational parameters are one flat vector in
+    the model parameters ``mparams[name]`` (optimised with the guide); the model receives the
+    layer's callable value, and ``-KL(q || p)`` of the layer joins the global term."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, name, layer):
+        super().__init__(name, (layer.size,), (layer.size,), IdentityTransform(),
+                         constraints.real, None)
+        self.layer = layer
+
+    def init_unconstrained(self, dtype, key=None) -> jax.Array:
+        return self.layer.init(jax.random.key(0) if key is None else key, dtype)
+
+    def __repr__(self) -> str:
+        return f"LayerBlock({self.name!r}, {self.layer!r})"
 
 
 def _finite_range(name: str, support: constraints.Constraint) -> tuple[int, int]:
@@ -206,44 +225,102 @@ class Target:
             transform, unc_shape = _make_transform(name, par.shape, par.support)
             init = None if par.init is None else np.asarray(par.init, np.float64)
             params.append(ParamBlock(name, par.shape, unc_shape, transform, par.support, init))
+        for name, layer in getattr(model, "layers", {}).items():
+            params.append(LayerBlock(name, layer))
         locals_ = local_layout(model.latents, _make_transform, _finite_range)
+        if locals_ is None and getattr(model, "layers", None):
+            locals_ = LocalLayout(())  # Bayesian layers: the structured (local) fit path
         return cls(tuple(blocks), dim, model.log_density, tuple(discrete), tuple(params),
                    model.log_prior, model.log_likelihood, locals_)
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        """Names of the learnable model parameters."""
+        """Names of the learnable model parameters (and of the Bayesian layers, whose
+        variational parameters are held beside them)."""
         return tuple(b.name for b in self.params)
+
+    @property
+    def has_locals(self) -> bool:
+        """Whether the model has local latents (a model with Bayesian layers and none has an
+        empty layout: it is fitted by the same driver)."""
+        return self.locals is not None and bool(self.locals.blocks)
+
+    @property
+    def plain_params(self) -> tuple[ParamBlock, ...]:
+        """The :class:`vijax.Param` blocks (without the Bayesian layers)."""
+        return tuple(b for b in self.params if not isinstance(b, LayerBlock))
+
+    @property
+    def layers(self) -> tuple[LayerBlock, ...]:
+        """The Bayesian layers (:mod:`vijax.nn`), in declaration order."""
+        return tuple(b for b in self.params if isinstance(b, LayerBlock))
 
     @property
     def factorised(self) -> bool:
         """Whether the log density is ``log_prior + sum(log_likelihood)`` (minibatchable)."""
         return self.log_likelihood is not None
 
-    def param_init(self, dtype) -> dict[str, jax.Array]:
-        """Unconstrained initial model parameters (a dict; empty without parameters)."""
-        return {b.name: b.init_unconstrained(dtype) for b in self.params}
+    def param_init(self, dtype, key: jax.Array | None = None) -> dict[str, jax.Array]:
+        """Unconstrained initial model parameters (a dict; empty without parameters). The
+        Bayesian layers' random initial weights come from ``key`` (``None``: a fixed key)."""
+        out = {}
+        for i, b in enumerate(self.params):
+            if isinstance(b, LayerBlock):
+                out[b.name] = b.init_unconstrained(
+                    dtype, None if key is None else jax.random.fold_in(key, i))
+            else:
+                out[b.name] = b.init_unconstrained(dtype)
+        return out
 
     def constrain_params(self, mparams: Mapping[str, jax.Array] | None, dtype
                          ) -> dict[str, jax.Array]:
-        """Constrained model parameters from unconstrained ``mparams`` (``None``: the init)."""
+        """Constrained model parameters from unconstrained ``mparams`` (``None``: the init);
+        the :class:`vijax.Param` ones only (not the Bayesian layers)."""
         if mparams is None:
             mparams = self.param_init(dtype)
-        return {b.name: b.transform(mparams[b.name]) for b in self.params}
+        return {b.name: b.transform(mparams[b.name]) for b in self.plain_params}
+
+    def layer_values(self, mparams: Mapping[str, jax.Array] | None, dtype,
+                     key: jax.Array | None = None, mode: str | None = None
+                     ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        """The Bayesian layers' values (what the model receives) and ``-KL(q || p)`` per
+        layer. ``mode``: ``"train"`` (the layers' estimators; needs ``key``), ``"sample"``
+        (one weight draw each, by ``key``) or ``"mean"``; default ``"train"`` with a key and
+        ``"mean"`` without. A Monte Carlo KL (scale-mixture prior) uses ``key`` (or a fixed
+        one)."""
+        if mparams is None:
+            mparams = self.param_init(dtype)
+        mode = mode or ("mean" if key is None else "train")
+        values, neg_kl = {}, {}
+        for i, b in enumerate(self.layers):
+            k = None if key is None else jax.random.fold_in(key, i)
+            k_val, k_kl = (None, None) if k is None else jax.random.split(k)
+            flat = mparams[b.name]
+            values[b.name] = b.layer.value(flat, k_val, mode, b.name)
+            neg_kl[b.name] = -b.layer.kl(flat, k_kl)
+        return values, neg_kl
 
     def split_params(self, params) -> tuple[Any, Any]:
         """``(guide params, model params)`` of the loop's parameters (``(params, None)``
         for a model without parameters)."""
         return params if self.params else (params, None)
 
-    def values(self, theta: jax.Array, mparams: Any = None) -> dict[str, jax.Array]:
-        """Everything the model receives in ``z``: constrained latents and parameters."""
-        return self._values(theta, mparams)[0]
+    def values(self, theta: jax.Array, mparams: Any = None, key: jax.Array | None = None,
+               mode: str | None = None) -> dict[str, jax.Array]:
+        """Everything the model receives in ``z``: constrained latents, parameters and the
+        Bayesian layers' values (see :meth:`layer_values` for ``key`` and ``mode``)."""
+        return self._values(theta, mparams, key, mode)[0]
 
-    def _values(self, theta, mparams):
+    def _values(self, theta, mparams, key=None, mode=None):
+        """``(z, global terms)``: the global terms are ``log|det J|`` per continuous latent
+        and ``-KL(q || p)`` per Bayesian layer (both join ``log_prior`` in the ELBO)."""
         z, log_det = self.constrain_with_log_det(theta)
         if self.params:
             z.update(self.constrain_params(mparams, theta.dtype))
+        if self.layers:
+            values, neg_kl = self.layer_values(mparams, theta.dtype, key, mode)
+            z.update(values)
+            log_det.update(neg_kl)
         return z, log_det
 
     @property

@@ -270,7 +270,7 @@ def warn_if_untrusted(res: FitResult, stacklevel: int = 3) -> None:
                     "pass more steps=, resume=res, or a looser vj.Convergence(tol=...)")
         problems.append(f"the fit ran its {d.n_steps} steps without converging "
                         f"({d.criterion}); {hint}")
-    local = res.target.locals is not None
+    local = res.target.has_locals
     if d.k_hat_reading.startswith("unreliable") and local:
         problems.append(f"PSIS says the local guide is an unreliable approximation of the "
                         f"rows' posteriors ({d.k_hat_reading}): importance-sampled "
