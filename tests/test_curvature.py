@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import count_compiles, precision
+from tests.conftest import count_compiles, precision
 
 from vijax.curvature import METHODS, hessian_fn
 

@@ -14,7 +14,7 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 import pytest
-from conftest import precision, raw_fit
+from tests.conftest import precision, raw_fit
 from numpyro.distributions import constraints
 
 import vijax as vj

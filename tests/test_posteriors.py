@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import precision, raw_fit
+from tests.conftest import precision, raw_fit
 from numpyro.infer.util import log_density
 
 import vijax as vj

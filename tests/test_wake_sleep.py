@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import precision
+from tests.conftest import precision
 from numpyro.distributions import constraints
 
 import vijax as vj
