@@ -135,6 +135,10 @@ def _run_chunk(state, X, y, key, t0, steps, gamma, *, svgp, natural, batch, chun
     return jax.lax.scan(step, state, t0 + jnp.arange(chunk))
 
 
+_elbo_jit = jax.jit(elbo, static_argnums=0)
+_predict_jit = jax.jit(predict_f, static_argnums=(0, 3))
+
+
 @dataclasses.dataclass(frozen=True)
 class SVGPResult:
     """A fitted SVGP.
@@ -166,8 +170,8 @@ class SVGPResult:
 
     def predict(self, Xnew: Any, full_cov: bool = False) -> tuple[jax.Array, jax.Array]:
         """Mean and variance ``(n*,)`` of ``q(f*)`` (covariance with ``full_cov``)."""
-        return predict_f(self.svgp, self.params, jnp.asarray(Xnew, self.params.Z.dtype),
-                         full_cov)
+        return _predict_jit(self.svgp, self.params, jnp.asarray(Xnew, self.params.Z.dtype),
+                            full_cov)
 
     def predict_y(self, Xnew: Any) -> tuple[jax.Array, jax.Array]:
         """Predictive mean and variance ``(n*,)`` of ``y*`` (``E[y*]``, ``Var[y*]``)."""
@@ -178,7 +182,7 @@ class SVGPResult:
         """Full-data ELBO at the fitted parameters."""
         X, y = check_data(self.svgp, X, y)
         dt = self.params.Z.dtype
-        return float(elbo(self.svgp, self.params, jnp.asarray(X, dt), jnp.asarray(y, dt)))
+        return float(_elbo_jit(self.svgp, self.params, jnp.asarray(X, dt), jnp.asarray(y, dt)))
 
 
 def fit_svgp(svgp: SVGP, X: Any, y: Any, *, steps: int, key: jax.Array,

@@ -55,10 +55,10 @@ def as_2d(X: Any) -> jax.Array:
 
 
 def _sqdist(params: dict, X1: jax.Array, X2: jax.Array) -> jax.Array:
-    """Scaled squared distances ``(n1, n2)``, by differences (not ``|x|^2 - 2 x.x' + |x'|^2``,
-    which cancels catastrophically in float32 for inputs far from 0, e.g. calendar years)."""
-    ls = params["lengthscale"]
-    diff = X1[:, None, :] / ls - X2[None, :, :] / ls
+    """Scaled squared distances ``(n1, n2)``, by differences taken before scaling (not
+    ``|x|^2 - 2 x.x' + |x'|^2``, which cancels catastrophically in float32 for inputs far
+    from 0, e.g. calendar years; the difference of two close float32 numbers is exact)."""
+    diff = (X1[:, None, :] - X2[None, :, :]) / params["lengthscale"]
     return jnp.sum(diff * diff, axis=-1)
 
 
