@@ -15,10 +15,15 @@ LAYERS = (
     # (the cycle test keeps those imports one-way) and the layers below it
     ("foundations", ("vijax.version", "vijax.optim", "vijax.psis", "vijax.curvature",
                      "vijax.estimators", "vijax.convergence", "vijax.datasets", "vijax.data",
-                     "vijax.stream", "vijax.nets", "vijax.locals")),
-    ("model", ("vijax.model", "vijax.net_params")),
+                     "vijax.stream", "vijax.nets", "vijax.locals", "vijax.nn.priors",
+                     "vijax.nn.value")),
+    # Bayesian layers are declared in models beside latents (vijax.model reads them)
+    ("model", ("vijax.nn.layers", "vijax.model", "vijax.net_params")),
     # CAVI for the Gaussian mixture: its own conjugate updates; gmm_model builds a vj.Model
     ("closed-form VI", ("vijax.cavi",)),
+    # sparse variational GPs: their own closed-form ELBO, natural gradients and loop; the
+    # kernels' hyper-parameters are vj.Param declarations
+    ("Gaussian processes", ("vijax.gp", "vijax.gp.*")),
     ("target", ("vijax.target",)),
     ("model front ends", ("vijax.numpyro_data", "vijax.numpyro_sites",
                           "vijax.numpyro_subsample", "vijax.numpyro_adapter")),
@@ -40,7 +45,7 @@ LAYERS = (
     ("stages", ("vijax.stages",)),
     ("fit", ("vijax.fit", "vijax.many")),
     ("analysis", ("vijax.predictive", "vijax.checkpoint.read", "vijax.io",
-                  "vijax.local_result")),
+                  "vijax.local_result", "vijax.nn.results", "vijax.nn", "vijax.metrics")),
     ("caches", ("vijax.caches",)),
     ("package", ("vijax",)),
 )

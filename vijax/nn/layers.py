@@ -28,7 +28,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from vijax.guides.base import softplus, softplus_inverse
 from vijax.nn.priors import Normal, ScaleMixture
 from vijax.nn.value import ESTIMATORS, LayerValue
 
@@ -60,6 +59,16 @@ def kingma_neg_kl(alpha: jax.Array) -> jax.Array:
     elementwise (with the constant of :data:`_KINGMA_CONST`)."""
     c1, c2, c3 = KINGMA_C
     return _KINGMA_CONST + 0.5 * jnp.log(alpha) + c1 * alpha + c2 * alpha**2 + c3 * alpha**3
+
+
+def softplus(x: jax.Array) -> jax.Array:
+    return jax.nn.softplus(x)
+
+
+def softplus_inverse(y: jax.Array) -> jax.Array:
+    """Stable inverse of softplus for ``y > 0`` (as :func:`vijax.guides.softplus_inverse`;
+    the layers sit below the guides in the data flow)."""
+    return y + jnp.log(-jnp.expm1(-y))
 
 
 def _features(owner: str, name: str, value) -> int:
