@@ -169,3 +169,36 @@ def test_bayesian_linear_layer_reaches_the_exact_meanfield_optimum(batch_size):
     # the iterate average over the last 10% of steps: within 0.15 posterior sd of the mean
     np.testing.assert_array_less(np.abs(loc - mean) / mf_sd, 0.15)
     np.testing.assert_allclose(sd, mf_sd, rtol=0.15)
+
+
+@pytest.mark.parametrize("estimator", ["flipout", pytest.param("sample", marks=pytest.mark.slow),
+                                       pytest.param("lrt", marks=pytest.mark.slow)])
+def test_conv2d_estimators_unbiased_against_the_closed_form_gradient(estimator):
+    """A sum of per-output Gaussian log likelihoods depends on each output's marginal only,
+    so every estimator (LRT included) is unbiased for it; the closed form uses
+    conv(h, mu) and conv(h^2, sigma^2)."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 5, 5, 2)))
+    y = jnp.asarray(rng.normal(size=(3, 5, 5, 3)))
+    layer = vj.nn.Conv2D(2, 3, 3, estimator=estimator, init_scale=3.0)
+    flat = layer.init(jax.random.key(0), jnp.float64)
+
+    def conv(h, w):
+        return jax.lax.conv_general_dilated(h, w, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def mc(flat, key):
+        return jnp.sum(-0.5 * (y - layer.value(flat, key, "train", "c")(x)) ** 2)
+
+    def exact(flat):
+        p = layer.posterior(flat)
+        m = conv(x, p["w_loc"]) + p["b_loc"]
+        v = conv(x * x, p["w_scale"] ** 2) + p["b_scale"] ** 2
+        return jnp.sum(-0.5 * ((y - m) ** 2 + v))
+
+    g = jax.vmap(jax.grad(mc), (None, 0))(flat, jax.random.split(jax.random.key(1), 2000))
+    z = jnp.abs(g.mean(0) - jax.grad(exact)(flat)) / jnp.maximum(
+        g.std(0) / math.sqrt(g.shape[0]), 1e-12)
+    assert float(jnp.max(z)) < 4.5, (estimator, float(jnp.max(z)))
+    with pytest.raises(ValueError, match=r"convolution 'c' \(2 -> 3 channels\)"):
+        layer.value(flat, jax.random.key(0), "train", "c")(x[..., :1])

@@ -14,12 +14,12 @@ Example:
     ['l1']
 """
 
-from vijax.nn.layers import Dense, DropoutDense, Layer, SparseDense, kingma_neg_kl, \
+from vijax.nn.layers import Conv2D, Dense, DropoutDense, Layer, SparseDense, kingma_neg_kl, \
     molchanov_neg_kl
 from vijax.nn.priors import Normal, ScaleMixture, gaussian_kl
 from vijax.nn.results import apply_mean, mean_values, posterior, sparsity
 from vijax.nn.value import LayerValue
 
-__all__ = ["Dense", "DropoutDense", "SparseDense", "Layer", "Normal", "ScaleMixture",
+__all__ = ["Dense", "Conv2D", "DropoutDense", "SparseDense", "Layer", "Normal", "ScaleMixture",
            "LayerValue", "posterior", "sparsity", "mean_values", "apply_mean", "gaussian_kl",
            "kingma_neg_kl", "molchanov_neg_kl"]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from vijax.nn.priors import Normal, ScaleMixture
 from vijax.nn.value import ESTIMATORS, LayerValue
 
-__all__ = ["Layer", "Dense", "DropoutDense", "SparseDense", "kingma_neg_kl",
+__all__ = ["Layer", "Dense", "Conv2D", "DropoutDense", "SparseDense", "kingma_neg_kl",
            "molchanov_neg_kl", "KINGMA_C", "MOLCHANOV_K"]
 
 # Kingma, Salimans & Welling (2015), eq. (7): -KL ~ C + 0.5 log a + c1 a + c2 a^2 + c3 a^3
@@ -85,6 +85,15 @@ class Layer:
     in_features: int
     out_features: int
     bias: bool
+    conv: tuple | None = None  # (strides, padding) of a convolution
+
+    @property
+    def w_shape(self) -> tuple[int, ...]:
+        return (self.in_features, self.out_features)
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.w_shape[:-1])
 
     def _parts(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         raise NotImplementedError
@@ -117,8 +126,7 @@ class Layer:
 
     def _init_loc(self, key, dtype):
         # LeCun normal (flax's Dense default): sd 1/sqrt(in)
-        return jax.random.normal(key, (self.in_features, self.out_features), dtype) / \
-            math.sqrt(self.in_features)
+        return jax.random.normal(key, self.w_shape, dtype) / math.sqrt(self.fan_in)
 
     def posterior(self, flat: jax.Array) -> dict[str, jax.Array]:
         """Constrained posterior parameters: ``w_loc``, ``w_scale`` (and ``b_loc``,
@@ -134,13 +142,14 @@ class Layer:
         b_loc, b_scale = p.get("b_loc"), p.get("b_scale")
         if mode == "train":
             return LayerValue(p["w_loc"], p["w_scale"], b_loc, b_scale, key, self.estimator,
-                              name)
+                              name, self.conv)
         if mode == "sample":
             w, b = LayerValue(p["w_loc"], p["w_scale"], b_loc, b_scale, key, "sample",
                               name).weights()
-            return LayerValue(w, None, b, None, None, "fixed", name)
+            return LayerValue(w, None, b, None, None, "fixed", name, self.conv)
         if mode == "mean":
-            return LayerValue(self.mean_weights(p), None, b_loc, None, None, "fixed", name)
+            return LayerValue(self.mean_weights(p), None, b_loc, None, None, "fixed", name,
+                              self.conv)
         raise ValueError(f"unknown layer mode {mode!r}; expected 'train', 'sample' or 'mean'")
 
     def mean_weights(self, p: dict[str, jax.Array]) -> jax.Array:
@@ -207,17 +216,17 @@ class Dense(Layer):
                 f"{type(self.prior).__name__} prior, {self.estimator}")
 
     def _parts(self):
-        w = (self.in_features, self.out_features)
+        w = self.w_shape
         parts = (("w_loc", w), ("w_raw", w))
         if self.bias:
             parts += (("b_loc", (self.out_features,)), ("b_raw", (self.out_features,)))
         return parts
 
     def init(self, key: jax.Array, dtype) -> jax.Array:
-        sd = self.init_scale / math.sqrt(self.in_features)
+        sd = self.init_scale / math.sqrt(self.fan_in)
         raw = softplus_inverse(jnp.asarray(sd, dtype))
         parts = {"w_loc": self._init_loc(key, dtype),
-                 "w_raw": jnp.full((self.in_features, self.out_features), raw, dtype)}
+                 "w_raw": jnp.full(self.w_shape, raw, dtype)}
         if self.bias:
             parts["b_loc"] = jnp.zeros((self.out_features,), dtype)
             parts["b_raw"] = jnp.full((self.out_features,), raw, dtype)
@@ -238,6 +247,66 @@ class Dense(Layer):
         else:
             loc, scale = p["w_loc"].ravel(), p["w_scale"].ravel()
         return self.prior.kl(loc, scale, key)
+
+
+class Conv2D(Dense):
+    """A Bayesian 2-D convolution (NHWC images, HWIO kernels) with the posterior, priors and
+    estimators of :class:`Dense`.
+
+    ``estimator="flipout"`` (default) perturbs the kernel once per evaluation with random
+    signs per image and channel (Wen et al. 2018): unbiased for the whole objective.
+    ``"lrt"`` draws every output position independently from its Gaussian marginal: cheaper,
+    but positions that share kernel weights lose their covariance (Kingma et al. 2015 note
+    this for convolutions), so its objective is an approximation. ``"sample"``: one kernel
+    draw per evaluation.
+
+    Args:
+        in_channels, out_channels: channels of the input and output images.
+        kernel_size: ``k`` or ``(kh, kw)``.
+        stride: ``s`` or ``(sh, sw)``.
+        padding: ``"SAME"`` or ``"VALID"``.
+
+    Example:
+        >>> Conv2D(1, 4, 3).w_shape
+        (3, 3, 1, 4)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride=1,
+                 padding: str = "SAME", bias: bool = True,
+                 prior: Normal | ScaleMixture | None = None, estimator: str = "flipout",
+                 init_scale: float = 0.1):
+        super().__init__(in_channels, out_channels, bias=bias, prior=prior,
+                         estimator=estimator, init_scale=init_scale)
+        self.kernel = self._pair("kernel_size", kernel_size)
+        self.strides = self._pair("stride", stride)
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(f"vj.nn.Conv2D: padding must be 'SAME' or 'VALID', got "
+                             f"{padding!r}")
+        self.conv = (self.strides, padding)
+
+    @staticmethod
+    def _pair(name, v):
+        pair = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, tuple | list) \
+            else None
+        if pair is None or len(pair) != 2 or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in pair):
+            raise ValueError(f"vj.nn.Conv2D: {name} must be an int >= 1 or a pair of them, "
+                             f"got {v!r}")
+        return pair
+
+    @property
+    def w_shape(self) -> tuple[int, ...]:
+        return self.kernel + (self.in_features, self.out_features)
+
+    def __repr__(self) -> str:
+        return (f"Conv2D({self.in_features}, {self.out_features}, {self.kernel}, stride="
+                f"{self.strides}, padding={self.conv[1]!r}, prior={self.prior}, "
+                f"estimator={self.estimator!r})")
+
+    def describe(self) -> str:
+        k = "x".join(map(str, self.kernel))
+        return (f"Bayesian conv {k} {self.in_features} -> {self.out_features} channels, "
+                f"{type(self.prior).__name__} prior, {self.estimator}")
 
 
 class _Dropout(Layer):

@@ -43,15 +43,17 @@ class LayerValue:
         name: the layer's name in the model (for error messages).
     """
 
-    def __init__(self, w_loc, w_scale, b_loc, b_scale, key, estimator: str, name: str = "layer"):
+    def __init__(self, w_loc, w_scale, b_loc, b_scale, key, estimator: str, name: str = "layer",
+                 conv: tuple | None = None):
         self.w_loc, self.w_scale, self.b_loc, self.b_scale, self.key = \
             w_loc, w_scale, b_loc, b_scale, key
         self.estimator = estimator
         self.name = name
+        self.conv = conv  # None (dense) or (strides, padding) of a 2-D convolution
 
     def tree_flatten(self):
         return (self.w_loc, self.w_scale, self.b_loc, self.b_scale, self.key), \
-            (self.estimator, self.name)
+            (self.estimator, self.name, self.conv)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -59,11 +61,18 @@ class LayerValue:
 
     @property
     def in_features(self) -> int:
-        return int(self.w_loc.shape[0])
+        return int(self.w_loc.shape[-2])
 
     @property
     def out_features(self) -> int:
-        return int(self.w_loc.shape[1])
+        return int(self.w_loc.shape[-1])
+
+    def _apply(self, h, w):
+        if self.conv is None:
+            return h @ w
+        strides, padding = self.conv
+        return jax.lax.conv_general_dilated(h, w, strides, padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def __repr__(self) -> str:
         return (f"LayerValue({self.name!r}, {self.in_features} -> {self.out_features}, "
@@ -83,7 +92,15 @@ class LayerValue:
 
     def __call__(self, h: jax.Array) -> jax.Array:
         h = jnp.asarray(h)
-        if h.ndim == 0 or h.shape[-1] != self.in_features:
+        if self.conv is not None:
+            if h.ndim not in (3, 4) or h.shape[-1] != self.in_features:
+                raise ValueError(f"Bayesian convolution {self.name!r} ({self.in_features} -> "
+                                 f"{self.out_features} channels) takes images (B, H, W, "
+                                 f"{self.in_features}) or (H, W, {self.in_features}), got an "
+                                 f"input of shape {tuple(h.shape)}")
+            if h.ndim == 3:
+                return self(h[None])[0]
+        elif h.ndim == 0 or h.shape[-1] != self.in_features:
             raise ValueError(f"Bayesian layer {self.name!r} ({self.in_features} -> "
                              f"{self.out_features}) takes inputs whose last axis has "
                              f"{self.in_features} features, got an input of shape "
@@ -92,16 +109,16 @@ class LayerValue:
         h = h.astype(dtype)
         if self.estimator in ("fixed", "sample"):
             w, b = self.weights()
-            out = h @ w
+            out = self._apply(h, w)
             return out if b is None else out + b
-        out_shape = h.shape[:-1] + (self.out_features,)
         k_w, k_b = jax.random.split(self.key)
-        mean = h @ self.w_loc
+        mean = self._apply(h, self.w_loc)
+        out_shape = mean.shape
         if self.b_loc is not None:
             mean = mean + self.b_loc
         b_var = None if self.b_scale is None else self.b_scale**2
         if self.estimator == "lrt":
-            var = (h * h) @ (self.w_scale**2)
+            var = self._apply(h * h, self.w_scale**2)
             if b_var is not None:
                 var = var + b_var
             tiny = jnp.finfo(dtype).tiny
@@ -110,9 +127,14 @@ class LayerValue:
         # flipout: one shared perturbation, per-row sign flips
         k_dw, k_s, k_r = jax.random.split(k_w, 3)
         dw = self.w_scale * jax.random.normal(k_dw, self.w_loc.shape, dtype)
-        s = jax.random.rademacher(k_s, h.shape, dtype)
-        r = jax.random.rademacher(k_r, out_shape, dtype)
-        out = mean + ((h * s) @ dw) * r
+        if self.conv is None:  # per row and unit
+            s_shape, r_shape = h.shape, out_shape
+        else:  # per image and channel (Wen et al.'s convolutional flipout)
+            s_shape = h.shape[:-3] + (1, 1, h.shape[-1])
+            r_shape = out_shape[:-3] + (1, 1, out_shape[-1])
+        s = jax.random.rademacher(k_s, s_shape, dtype)
+        r = jax.random.rademacher(k_r, r_shape, dtype)
+        out = mean + self._apply(h * s, dw) * r
         if b_var is not None:
             out = out + self.b_scale * jax.random.normal(k_b, out_shape, dtype)
         return out
