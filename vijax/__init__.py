@@ -4,7 +4,7 @@ Models are pure functions of a dict of latent values; guides are built automatic
 ELBO is optimised by any Optax optimizer inside one compiled loop.
 """
 
-from vijax import datasets, estimators, guides, nets, nn
+from vijax import datasets, estimators, gp, guides, metrics, nets, nn
 from vijax.cavi import CAVIResult, GMMPrior, cavi_gmm, default_gmm_prior, gmm_model
 from vijax.checks import prepare_data
 from vijax.convergence import Convergence, ConvergenceWarning
@@ -28,7 +28,7 @@ __all__ = [
     "Summary",
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
     "load", "predictive", "Convergence", "ConvergenceWarning", "Precondition", "NonFiniteError",
-    "fit_many", "FitManyResult", "nets", "nn", "importance_log_likelihood", "local_posterior",
+    "fit_many", "FitManyResult", "nets", "nn", "metrics", "gp", "importance_log_likelihood", "local_posterior",
     "net_param", "NetParam",
     "cavi_gmm", "CAVIResult", "GMMPrior", "default_gmm_prior", "gmm_model",
     "ModelWarning", "__version__",
