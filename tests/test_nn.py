@@ -61,8 +61,9 @@ def test_estimators_unbiased_against_the_closed_form_gradient(estimator):
 
 
 def test_lrt_and_flipout_have_lower_variance_than_weight_sampling():
-    """Summed per-element gradient variance; measured ratio (sample / lrt) ~= 30 and (sample
-    / flipout) ~= 17 at batch 64 here; the bound asserts the direction with a margin."""
+    """Summed per-element gradient variance over 500 draws; measured ratios (sample / lrt)
+    13.6 and (sample / flipout) 2.1 at batch 64 here; the bounds assert the direction with
+    a margin for the draws' noise."""
     x, y = _layer_problem(b=64)
     keys = jax.random.split(jax.random.key(2), 500)
     var = {}
@@ -71,8 +72,8 @@ def test_lrt_and_flipout_have_lower_variance_than_weight_sampling():
         flat = layer.init(jax.random.key(0), jnp.float64)
         g, _ = _grads(layer, flat, x, y, keys)
         var[est] = float(jnp.sum(g.var(0)))
-    assert var["sample"] / var["lrt"] > 3.0, var
-    assert var["sample"] / var["flipout"] > 2.0, var
+    assert var["sample"] / var["lrt"] > 5.0, var
+    assert var["sample"] / var["flipout"] > 1.4, var
 
 
 def _exact_neg_kl(alpha):
