@@ -135,6 +135,9 @@ def _run_chunk(state, X, y, key, t0, steps, gamma, *, svgp, natural, batch, chun
     return jax.lax.scan(step, state, t0 + jnp.arange(chunk))
 
 
+# one object, so that fits with the default reuse the compiled chunk program (a fresh
+# optax.adam(...) per call is a new static argument and would recompile)
+_DEFAULT_OPTIMIZER = optax.adam(1e-2)
 _elbo_jit = jax.jit(elbo, static_argnums=0)
 _predict_jit = jax.jit(predict_f, static_argnums=(0, 3))
 
@@ -223,7 +226,7 @@ def fit_svgp(svgp: SVGP, X: Any, y: Any, *, steps: int, key: jax.Array,
     schedule = natgrad_step if callable(natgrad_step) else None
     if schedule is None and not (0 < float(natgrad_step) <= 1):
         raise ValueError(f"natgrad_step must be in (0, 1] or a schedule, got {natgrad_step!r}")
-    optimizer = optax.adam(1e-2) if optimizer is None else optimizer
+    optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
     key_init, key_fit = jax.random.split(key)
     p = init_params(svgp, Xn, yn, key_init) if init is None else init
     dt = p.Z.dtype
