@@ -26,9 +26,15 @@ Methods, each a compiled program of ``chunk`` steps (boston 2,000, mnist 200), t
   ``-(N/B) sum_batch log p(y | x) + KL``, ``optax.adam(1e-3)``, one ``jax.jit`` of a
   ``lax.scan`` over the steps with all step keys split up front, rows by
   ``jax.random.randint`` (with replacement); started from ``layer.init`` (the same point).
+* attribution rows: **hand, layer API** (the same loop on each layer's flat parameter vector
+  through ``layer.value(flat, key, "train", name)`` and ``layer.kl``) and **hand, layer API +
+  bookkeeping** (plus vijax's per-step non-finite skip by selects and the running average).
 
-Repeats are interleaved round robin (vijax randint, vijax epoch, hand, vijax randint, ...);
-medians and minima. Target: vijax / hand <= 1.1 per step.
+Repeats are interleaved round robin (vijax randint, vijax epoch, hand, ..., vijax randint,
+...); medians and minima of wall time, and the median CPU time of the process over each call
+(``time.process_time``: all threads; on a shared machine it is not inflated by other jobs'
+load, so it is the steadier figure of the work each method does). Target: vijax / hand <=
+1.1 per step.
 
 **Part (b), gradient variance.** The mnist 784-100-10 network of Dense layers fitted briefly
 by vijax (LRT, 1,000 steps of 100 rows: a trained-ish point), then at those fixed parameters,
@@ -43,12 +49,18 @@ layer's). Figure: the total variance ``sum_j Var(g_j)`` over the draws (means an
 separately) and the ratios sample/lrt and sample/flipout. The minibatch is fixed per B (noise
 only: no subsampling variance).
 
+A reading of the scale rows: with weight sampling (and flipout) the gradient w.r.t.
+``sigma_ij`` is ``eps_ij`` times a sum over the batch (for sampling, the batch's summed
+gradient w.r.t. ``W_ij``; for flipout, the same sum with per-row random signs), so its
+variance is that sum squared, whatever the batch size; LRT's per-row noise averages out.
+
 Run: ``python -m benchmarks.bench_bnn [--quick] [--repeats 5] [--draws 500] [--parts a b]
 [--out DIR]``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -153,7 +165,20 @@ def _kl(p):
     return total
 
 
-def make_hand(w: Workload):
+def _all_finite(tree):
+    return functools.reduce(jnp.logical_and,
+                            [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def make_hand(w: Workload, api: str = "parts", bookkeeping: bool = False):
+    """The hand-written loop: ``run(state, data, step_keys) -> (state, losses)``.
+
+    ``api="parts"``: the LRT and KL written out on per-part arrays (``w_loc``, ``w_raw``,
+    ``b_loc``, ``b_raw``); ``api="layer"``: the same loop on each layer's flat parameter
+    vector through the layer API (``layer.value(flat, key, "train", name)``, ``layer.kl``).
+    ``bookkeeping``: also what vijax's loop does per step besides the update (skip a step
+    whose loss, gradient or parameters are not finite, by selects; the running iterate
+    average over the last 10% of steps); attribution rows, not the baseline."""
     opt = optax.adam(LR)
     n, b, names = w.n, w.batch, w.names
 
@@ -161,32 +186,47 @@ def make_hand(w: Workload):
         keys = jax.random.split(key, len(names))
         h = xb
         for i, name in enumerate(names):
-            h = _lrt(h, params[name], keys[i])
+            if api == "layer":
+                h = w.layers[name].value(params[name], keys[i], "train", name)(h)
+            else:
+                h = _lrt(h, params[name], keys[i])
             if i + 1 < len(names):
                 h = jax.nn.relu(h)
         log_lik = jnp.sum(w.row_log_lik(h, yb))
-        return -(n / b) * log_lik + sum(_kl(params[name]) for name in names)
+        kl = sum(w.layers[name].kl(params[name], None) if api == "layer" else
+                 _kl(params[name]) for name in names)
+        return -(n / b) * log_lik + kl
 
     def step(state, key, data):
-        params, opt_state = state
+        params, opt_state, avg, t = state
         k_rows, k_noise = jax.random.split(key)
         rows = jax.random.randint(k_rows, (b,), 0, n)
         loss, g = jax.value_and_grad(neg_elbo)(params, data["x"][rows], data["y"][rows],
                                                k_noise)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+        updates, new_opt = opt.update(g, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        if bookkeeping:
+            ok = jnp.isfinite(loss) & _all_finite(g) & _all_finite(new)
+            new = jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new, params)
+            new_opt = jax.tree_util.tree_map(lambda a, c: jnp.where(ok, a, c), new_opt,
+                                             opt_state)
+            start = (w.chunk * 9) // 10
+            k = jnp.maximum(t - start + 1, 1).astype(loss.dtype)
+            avg = jax.tree_util.tree_map(
+                lambda a, p: jnp.where(t >= start, a + (p - a) / k, p), avg, new)
+        return (new, new_opt, avg, t + 1), loss
 
     @jax.jit
-    def run(state, data, key, steps_keys):
-        del key
+    def run(state, data, steps_keys):
         return jax.lax.scan(lambda s, k: step(s, k, data), state, steps_keys)
 
     params = {}
     for i, name in enumerate(names):
         layer = w.layers[name]
-        parts = layer.unpack(layer.init(jax.random.key(100 + i), jnp.float32))
-        params[name] = dict(parts)
-    return (params, opt.init(params)), run
+        flat = layer.init(jax.random.key(100 + i), jnp.float32)
+        params[name] = flat if api == "layer" else dict(layer.unpack(flat))
+    avg = params if bookkeeping else ()
+    return (params, opt.init(params), avg, jnp.int32(0)), run
 
 
 # --- part (a) -----------------------------------------------------------------------------------
@@ -205,45 +245,55 @@ def time_steps(w: Workload, repeats: int, seed: int) -> dict[str, Any]:
             return time.perf_counter() - t, res.diagnostics.wall_time, res
         return call
 
-    state0, run = make_hand(w)
+    def hand_call(api, bookkeeping):
+        state0, run = make_hand(w, api, bookkeeping)
 
-    def hand_call(i):
-        keys = jax.random.split(jax.random.key(seed + 1000 + i), chunk)
-        t = time.perf_counter()
-        out = run(state0, data, None, keys)
-        jax.block_until_ready(out)
-        dt = time.perf_counter() - t
-        return dt, dt, out
+        def call(i):
+            keys = jax.random.split(jax.random.key(seed + 1000 + i), chunk)
+            t = time.perf_counter()
+            out = run(state0, data, keys)
+            jax.block_until_ready(out)
+            dt = time.perf_counter() - t
+            return dt, dt, out
+        return call
 
     calls = {"vijax randint": vijax_call("randint"), "vijax epoch": vijax_call("epoch"),
-             "hand randint": hand_call}
+             "hand randint": hand_call("parts", False),
+             "hand, layer API": hand_call("layer", False),
+             "hand, layer API + bookkeeping": hand_call("layer", True)}
     compile_s, final = {}, {}
     for name, call in calls.items():  # first calls: compile
         t, _, out = call(0)
         compile_s[name] = t
     call_us = {name: [] for name in calls}
     loop_us = {name: [] for name in calls}
+    cpu_us = {name: [] for name in calls}
     for r in range(repeats):
         for name, call in calls.items():
+            c = time.process_time()
             t, loop, out = call(r + 1)
+            cpu_us[name].append((time.process_time() - c) / chunk * 1e6)
             call_us[name].append(t / chunk * 1e6)
             loop_us[name].append(loop / chunk * 1e6)
             losses = out.losses if name.startswith("vijax") else out[1]
             final[name] = float(np.mean(np.asarray(losses)[-chunk // 10:]))
     med_call = {k: statistics.median(v) for k, v in call_us.items()}
     med_loop = {k: statistics.median(v) for k, v in loop_us.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu_us.items()}
     hand = med_call["hand randint"]
     out = {"workload": w.name, "sizes": list(w.sizes), "n": w.n, "batch": w.batch,
            "chunk": chunk, "repeats": repeats, "first_call_s": compile_s,
            "call_us": call_us, "loop_us": loop_us, "median_call_us": med_call,
-           "median_loop_us": med_loop,
+           "median_loop_us": med_loop, "cpu_us": cpu_us, "median_cpu_us": med_cpu,
            "ratio_call": {k: v / hand for k, v in med_call.items()},
+           "ratio_cpu": {k: v / med_cpu["hand randint"] for k, v in med_cpu.items()},
            "ratio_loop": {k: v / hand for k, v in med_loop.items()},
            "final_loss_per_row": {k: v / w.n for k, v in final.items()}}
     for name in calls:
         print(f"  {w.name} {name}: call {med_call[name]:.0f} µs/step (min "
-              f"{min(call_us[name]):.0f}), loop {med_loop[name]:.0f} µs/step, "
-              f"x{out['ratio_call'][name]:.2f} / x{out['ratio_loop'][name]:.2f} of hand; "
+              f"{min(call_us[name]):.0f}), loop {med_loop[name]:.0f}, CPU "
+              f"{med_cpu[name]:.0f} µs/step; x{out['ratio_call'][name]:.2f} / "
+              f"x{out['ratio_loop'][name]:.2f} / x{out['ratio_cpu'][name]:.2f} of hand; "
               f"last-10% loss/row {out['final_loss_per_row'][name]:.3f}", flush=True)
     return out
 
@@ -323,18 +373,25 @@ def to_markdown(r: dict, args) -> str:
                   f"`vj.nn.Dense` layers (LRT, Normal(0, 1) prior), Adam {LR}; "
                   f"median of {args.repeats} interleaved calls of one compiled chunk each "
                   "(min in brackets). *call*: the whole warm `vj.fit` call; *loop*: "
-                  "`res.diagnostics.wall_time` (start program + chunk loop). The hand loop "
-                  "is one jitted `lax.scan` (its call and loop figures are the same).", "",
+                  "`res.diagnostics.wall_time` (start program + chunk loop); *CPU*: the "
+                  "process's CPU time (`time.process_time`, all threads) over the call, "
+                  "which other jobs' load does not inflate. The hand loops are one jitted "
+                  "`lax.scan` (call = loop). *hand randint* is the baseline; the two "
+                  "*layer API* rows attribute the gap (the same loop on the layers' flat "
+                  "vectors through `layer.value`/`layer.kl`; then with vijax's per-step "
+                  "bookkeeping: non-finite skip by selects and the running average).", "",
                   "| workload | net | B | steps/call | method | call µs/step | loop µs/step | "
-                  "call / hand | loop / hand | last-10% loss / row |",
-                  "|---|---|--:|--:|---|--:|--:|--:|--:|--:|"]
+                  "CPU µs/step | call / hand | loop / hand | CPU / hand | last-10% loss / row |",
+                  "|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
         for t in r["timing"]:
             for name in t["median_call_us"]:
                 lines.append(
                     f"| {t['workload']} | {'-'.join(map(str, t['sizes']))} | {t['batch']} | "
                     f"{t['chunk']} | {name} | {t['median_call_us'][name]:.0f} "
                     f"({min(t['call_us'][name]):.0f}) | {t['median_loop_us'][name]:.0f} | "
+                    f"{t['median_cpu_us'][name]:.0f} | "
                     f"{t['ratio_call'][name]:.2f} | {t['ratio_loop'][name]:.2f} | "
+                    f"{t['ratio_cpu'][name]:.2f} | "
                     f"{t['final_loss_per_row'][name]:.3f} |")
         lines += ["", "First (compiling) call, s: " + "; ".join(
             f"{t['workload']}: " + ", ".join(f"{k} {v:.1f}" for k, v in
