@@ -260,7 +260,7 @@ def test_every_estimator_with_every_guide_family(estimator, guide):
 
 
 def test_estimator_in_float64():
-    from conftest import precision
+    from tests.conftest import precision
 
     with precision("float64"):
         res = raw_fit(GAUSS_3D, steps=50, num_particles=2, estimator="dreg",
