@@ -123,6 +123,24 @@ def test_one_draw_is_the_gaussian():
     np.testing.assert_allclose(m.epistemic_var, 0.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixture_log_lik_of_a_student_t(dtype):
+    rng = np.random.default_rng(7)
+    s, n, df = 5, 6, 4.0
+    loc, scale, y = rng.normal(size=(s, n)), rng.uniform(0.5, 2, (s, n)), rng.normal(size=n)
+    hand = [math.log(sum(stats.t.pdf(y[j], df, loc[i, j], scale[i, j]) for i in range(s)) / s)
+            for j in range(n)]
+    with precision(dtype) as dt:
+        lp = dist.StudentT(df, loc.astype(dt), scale.astype(dt)).log_prob(y.astype(dt))
+        out = metrics.mixture_log_lik(lp)
+        assert out.dtype == dt
+        np.testing.assert_allclose(out, hand, **_tol(dt))
+    # a zero density is -inf, not an error; NaN is
+    assert metrics.mixture_log_lik(np.array([[-np.inf], [-np.inf]]))[0] == -np.inf
+    with pytest.raises(ValueError, match=r"log_prob has 1 NaN"):
+        metrics.mixture_log_lik(np.array([[0.0], [np.nan]]))
+
+
 def test_coverage_of_a_correctly_specified_mixture_is_nominal():
     # y drawn from the same bimodal mixture the metrics see: coverage ~ Binomial(N, level)/N.
     # A moment-matched Gaussian would cover ~69% at the 50% level here, so the check tells the

@@ -6,6 +6,8 @@ Two levels. The array functions take ``S`` per-draw predictions and the targets:
   the predictive is the equal-weight mixture ``p(y | x) = (1/S) sum_s N(y | loc_s, scale_s)``.
 * :func:`classification_from_draws`: per-draw class probabilities (or logits) ``(S, N, C)`` and
   integer labels ``(N,)``; the predictive is ``pbar = (1/S) sum_s p_s``.
+* :func:`mixture_log_lik`: the test log-likelihood of any other likelihood (Student-t, ...)
+  from per-draw log densities ``(S, N)``.
 
 The result functions :func:`regression_metrics` and :func:`classification_metrics` draw the
 per-draw predictions from a fitted :class:`vijax.FitResult` with :func:`vijax.predictive` and
@@ -34,6 +36,7 @@ from vijax.predictive import predictive
 __all__ = [
     "RegressionMetrics", "ClassificationMetrics", "regression_from_draws",
     "classification_from_draws", "regression_metrics", "classification_metrics",
+    "mixture_log_lik",
     "DEFAULT_LEVELS", "DEFAULT_BINS",
 ]
 
@@ -290,6 +293,42 @@ def regression_from_draws(loc: Any, scale: Any, y: Any, *,
     dtype = jnp.result_type(loc, scale)
     return _regression(loc.astype(dtype), scale.astype(dtype), jnp.asarray(y, dtype),
                        jnp.asarray(lv, dtype))
+
+
+def mixture_log_lik(log_prob: Any) -> jax.Array:
+    """Test log-likelihood of any likelihood from per-draw log densities.
+
+    ``log p(y_n) = log (1/S) sum_s exp(log_prob[s, n])`` (a logsumexp over draws), for
+    likelihoods other than the Gaussian of :func:`regression_from_draws`: e.g. a Student-t,
+    ``numpyro.distributions.StudentT(df, loc_s, scale_s).log_prob(y)`` per draw.
+
+    Args:
+        log_prob: ``log p(y_n | z_s)``, ``(S, N)``, floating; ``-inf`` is allowed (zero
+            density), ``NaN`` and ``+inf`` are not.
+
+    Returns:
+        ``(N,)`` per-point log predictive densities (take ``.mean()`` for the test LL).
+
+    Example:
+        >>> import numpy as np
+        >>> lp = np.log(np.array([[0.2, 0.5], [0.4, 0.5]], np.float32))
+        >>> [round(float(v), 4) for v in mixture_log_lik(lp)]
+        [-1.204, -0.6931]
+    """
+    lp = _check_float("log_prob", log_prob, 2, "of shape (S, N)")
+    _check_draws("log_prob", lp)
+    arr = np.asarray(lp)
+    bad = np.isnan(arr) | (arr == np.inf)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"log_prob has {int(bad.sum())} NaN or +inf value(s) (first at index "
+                         f"{first})")
+    return _mixture_log_lik(jnp.asarray(lp))
+
+
+@jax.jit
+def _mixture_log_lik(lp):
+    return logsumexp(lp, axis=0) - math.log(lp.shape[0])
 
 
 # -------------------------------------------------------------------------- classification
