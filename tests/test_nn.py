@@ -51,7 +51,7 @@ def _grads(layer, flat, x, y, keys):
 def test_estimators_unbiased_against_the_closed_form_gradient(estimator):
     x, y = _layer_problem()
     layer = vj.nn.Dense(5, 3, estimator=estimator, init_scale=3.0)
-    flat = layer.init(jax.random.key(0), jnp.float64)
+    flat = layer.pack(layer.init(jax.random.key(0), jnp.float64))  # one vector
     keys = jax.random.split(jax.random.key(1), 2000)
     g, exact = _grads(layer, flat, x, y, keys)
     mean, se = g.mean(0), g.std(0) / math.sqrt(g.shape[0])
@@ -69,7 +69,7 @@ def test_lrt_and_flipout_have_lower_variance_than_weight_sampling():
     var = {}
     for est in ("lrt", "flipout", "sample"):
         layer = vj.nn.Dense(5, 3, estimator=est, init_scale=3.0)
-        flat = layer.init(jax.random.key(0), jnp.float64)
+        flat = layer.pack(layer.init(jax.random.key(0), jnp.float64))  # one vector
         g, _ = _grads(layer, flat, x, y, keys)
         var[est] = float(jnp.sum(g.var(0)))
     assert var["sample"] / var["lrt"] > 5.0, var
@@ -182,7 +182,7 @@ def test_conv2d_estimators_unbiased_against_the_closed_form_gradient(estimator):
     x = jnp.asarray(rng.normal(size=(3, 5, 5, 2)))
     y = jnp.asarray(rng.normal(size=(3, 5, 5, 3)))
     layer = vj.nn.Conv2D(2, 3, 3, estimator=estimator, init_scale=3.0)
-    flat = layer.init(jax.random.key(0), jnp.float64)
+    flat = layer.pack(layer.init(jax.random.key(0), jnp.float64))  # one vector
 
     def conv(h, w):
         return jax.lax.conv_general_dilated(h, w, (1, 1), "SAME",

@@ -107,7 +107,7 @@ class ParamBlock:
 
 
 class LayerBlock(ParamBlock):
-    """A Bayesian layer (:mod:`vijax.nn`): its variational parameters are one flat vector in
+    """A Bayesian layer (:mod:`vijax.nn`): its variational parameters are a dict of arrays in
     the model parameters ``mparams[name]`` (optimised with the guide); the model receives the
     layer's callable value, and ``-KL(q || p)`` of the layer joins the global term."""
 
