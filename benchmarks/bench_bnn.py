@@ -2,7 +2,9 @@
 the gradient variance of the layers' three estimators.
 
 **Part (a), µs/step.** Two networks of :class:`vijax.nn.Dense` layers (mean-field Gaussian
-posterior, ``Normal(0, 1)`` prior on weights and biases, local reparameterization, LeCun-normal
+posterior, ``Normal(0, 1)`` prior on weights and biases (``prior=vj.nn.Normal(1.0)``, given
+explicitly: vj.nn's default prior became ``Normal(1/sqrt(fan_in))`` after the recorded run),
+local reparameterization, LeCun-normal
 means, initial sd ``0.1 / sqrt(in)``), ReLU hidden units:
 
 * *boston*: mlxtend's Boston housing (506 rows, 13 inputs), inputs and target standardised,
@@ -26,8 +28,9 @@ Methods, each a compiled program of ``chunk`` steps (boston 2,000, mnist 200), t
   ``-(N/B) sum_batch log p(y | x) + KL``, ``optax.adam(1e-3)``, one ``jax.jit`` of a
   ``lax.scan`` over the steps with all step keys split up front, rows by
   ``jax.random.randint`` (with replacement); started from ``layer.init`` (the same point).
-* attribution rows: **hand, layer API** (the same loop on each layer's flat parameter vector
-  through ``layer.value(flat, key, "train", name)`` and ``layer.kl``) and **hand, layer API +
+* attribution rows: **hand, layer API** (the same loop on each layer's parameters as
+  ``layer.init`` makes them, through ``layer.value(params, key, "train", name)`` and
+  ``layer.kl``: one flat vector per layer in the recorded run) and **hand, layer API +
   bookkeeping** (plus vijax's per-step non-finite skip by selects and the running average).
 
 Repeats are interleaved round robin (vijax randint, vijax epoch, hand, ..., vijax randint,
@@ -61,7 +64,6 @@ Run: ``python -m benchmarks.bench_bnn [--quick] [--repeats 5] [--draws 500] [--p
 from __future__ import annotations
 
 import functools
-import math
 import os
 import statistics
 import time
@@ -109,7 +111,7 @@ class Workload:
         self.name, self.sizes, self.data, self.batch, self.chunk, self.kind = \
             name, sizes, data, batch, chunk, kind
         self.names = [f"l{i + 1}" for i in range(len(sizes) - 1)]
-        self.layers = {n: vj.nn.Dense(a, b) for n, a, b in
+        self.layers = {n: vj.nn.Dense(a, b, prior=vj.nn.Normal(1.0)) for n, a, b in
                        zip(self.names, sizes[:-1], sizes[1:], strict=True)}
 
     def row_log_lik(self, out, y):
@@ -306,18 +308,16 @@ def grad_variance(draws: int, batches: tuple[int, ...], fit_steps: int, seed: in
     res = vj.fit(w.model(), w.data, batch_size=100, steps=fit_steps, convergence=None,
                  progress=False, key=jax.random.key(seed))
     fit_s = time.perf_counter() - t
-    flat1 = res.mparams["l1"]
+    flat1 = res.mparams["l1"]  # the layer's parameters as vj.fit holds them
     head = w.layers["l2"].value(res.mparams["l2"], None, "mean", "l2")
     n = w.n
-    sizes = w.layers["l1"]._parts()  # [(name, shape)]: the flat vector's layout
-    is_scale = np.concatenate([np.full(math.prod(s), name.endswith("raw"))
-                               for name, s in sizes])
+    layer1 = w.layers["l1"]
     x_all, y_all = jnp.asarray(w.data["x"]), jnp.asarray(w.data["y"])
     out: dict[str, Any] = {"fit_steps": fit_steps, "fit_s": fit_s, "draws": draws,
                            "rows": {}}
 
     for est in ESTIMATORS:
-        layer = vj.nn.Dense(784, 100, estimator=est)
+        layer = vj.nn.Dense(784, 100, prior=vj.nn.Normal(1.0), estimator=est)
 
         def lik(flat, key, xb, yb, layer=layer):
             h = jax.nn.relu(layer.value(flat, key, "train", "l1")(xb))
@@ -328,24 +328,33 @@ def grad_variance(draws: int, batches: tuple[int, ...], fit_steps: int, seed: in
             g = jax.grad(lik)
 
             def block(carry, ks):
-                gs = jax.vmap(lambda k: g(flat1, k, xb, yb))(ks)
-                return (carry[0] + gs.sum(0), carry[1] + jnp.square(gs).sum(0)), None
+                gs = jax.vmap(lambda key_: g(flat1, key_, xb, yb))(ks)
+                return jax.tree_util.tree_map(
+                    lambda c, x: c + jnp.stack([x.sum(0), jnp.square(x).sum(0)]),
+                    carry, gs), None
 
-            zero = jnp.zeros_like(flat1)
-            (s, ss), _ = jax.lax.scan(block, (zero, zero), keys.reshape(-1, 25))
-            return s, ss
+            zero = jax.tree_util.tree_map(lambda a: jnp.zeros((2,) + a.shape, a.dtype),
+                                          flat1)
+            return jax.lax.scan(block, zero, keys.reshape(-1, 25))[0]
 
         moments = jax.jit(moments)
         for b in batches:
             keys = jax.random.split(jax.random.key(seed + 7), draws)
             t = time.perf_counter()
-            s, ss = moments(keys, x_all[:b], y_all[:b])
-            s, ss = np.asarray(s, np.float64), np.asarray(ss, np.float64)
-            var = (ss - s * s / draws) / (draws - 1)
+            mom = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
+                                         moments(keys, x_all[:b], y_all[:b]))
+            # per named part (w_loc, w_raw, b_loc, b_raw), whether vj.fit holds a flat vector
+            s_, ss = layer1.unpack(mom[0] if not isinstance(mom, dict) else
+                                   {k: v[0] for k, v in mom.items()}), \
+                layer1.unpack(mom[1] if not isinstance(mom, dict) else
+                              {k: v[1] for k, v in mom.items()})
+            var = {k: (ss[k] - s_[k] ** 2 / draws) / (draws - 1) for k in s_}
             out["rows"].setdefault(str(b), {})[est] = {
-                "var_means": float(var[~is_scale].sum()),
-                "var_scales": float(var[is_scale].sum()),
-                "mean_grad_sq_means": float(np.sum((s[~is_scale] / draws) ** 2)),
+                "var_means": float(sum(v.sum() for k, v in var.items() if k.endswith("loc"))),
+                "var_scales": float(sum(v.sum() for k, v in var.items()
+                                        if k.endswith("raw"))),
+                "mean_grad_sq_means": float(sum(np.sum((s_[k] / draws) ** 2) for k in s_
+                                                if k.endswith("loc"))),
                 "seconds": time.perf_counter() - t}
     for b, row in out["rows"].items():
         for part in ("means", "scales"):
@@ -444,8 +453,9 @@ def _reading_a(timing: list[dict]) -> list[str]:
             f"- {t['workload']} ({'-'.join(map(str, t['sizes']))}, B = {t['batch']}): "
             f"vijax / hand {med:.2f} (medians of the whole call), {lo:.2f} (fastest calls): "
             f"target **{'met' if max(med, lo) <= 1.1 else 'missed'}**. By the fastest "
-            f"calls, the hand loop on the layers' flat parameter vectors (`layer.value`, "
-            f"`layer.kl`) costs {api:.2f}x the loop on per-part arrays; vijax's per-step "
+            f"calls, the hand loop through the layer API (`layer.value`, `layer.kl` on the "
+            f"parameters as `layer.init` makes them) costs {api:.2f}x the loop on per-part "
+            f"arrays; vijax's per-step "
             f"bookkeeping adds x{book:.2f} to it; the rest of vijax (objective and loop "
             f"code, data feed, optimizer labels, the per-call host work) x{rest:.2f}.")
     return lines + [""]
