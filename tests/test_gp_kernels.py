@@ -8,11 +8,7 @@ import pytest
 from sklearn.gaussian_process import kernels as skk
 
 import vijax.gp as gp
-
-try:  # tests/ as a package or as a rootdir of conftest modules
-    from tests.conftest import precision
-except ImportError:
-    from conftest import precision
+from tests.conftest import precision
 
 RNG = np.random.default_rng(0)
 X1 = RNG.normal(size=(7, 2))

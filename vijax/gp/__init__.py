@@ -1,15 +1,11 @@
 """Sparse variational Gaussian processes (Titsias 2009; Hensman et al. 2013, 2015) with
 natural gradients (Salimbeni et al. 2018).
 
-Example:
-    >>> import jax, jax.numpy as jnp
+Example (a fit: :mod:`vijax.gp.fit`):
     >>> import vijax.gp as gp
-    >>> X = jnp.linspace(0, 1, 40); y = jnp.sin(6 * X)
-    >>> res = gp.fit_svgp(gp.SVGP(gp.RBF(), "gaussian", inducing=10), X, y, steps=100,
-    ...                   key=jax.random.key(0))
-    >>> mean, var = res.predict(jnp.array([0.5]))
-    >>> mean.shape
-    (1,)
+    >>> model = gp.SVGP(gp.RBF() + gp.White(0.01), "bernoulli", inducing=50)
+    >>> model.likelihood
+    Bernoulli(link='logit')
 """
 
 from vijax.gp.exact import collapsed_bound, exact_log_marginal, exact_posterior

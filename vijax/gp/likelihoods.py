@@ -130,13 +130,10 @@ class Bernoulli(Likelihood):
             bad = y[~((y == 0) | (y == 1))][:3]
             raise ValueError(f"y: a Bernoulli likelihood needs labels 0 or 1, got {bad}")
 
-    def _log_p1(self, f):
-        return (log_ndtr(f), log_ndtr(-f)) if self.link == "probit" else (
-            jax.nn.log_sigmoid(f), jax.nn.log_sigmoid(-f))
-
     def log_prob(self, params, f, y):
-        lp1, lp0 = self._log_p1(f)
-        return jnp.where(y > 0.5, lp1, lp0)
+        # log p(y | f) = log F(s f) with s = 2y - 1 (F symmetric): one evaluation, not two
+        sf = jnp.where(y > 0.5, f, -f)
+        return log_ndtr(sf) if self.link == "probit" else jax.nn.log_sigmoid(sf)
 
     def predict_y(self, params, mu, var):
         if self.link == "probit":  # exact: P(y=1) = Phi(mu / sqrt(1 + var))

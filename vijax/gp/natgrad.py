@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from vijax.gp._linalg import tri_solve
 
-__all__ = ["natgrad_step", "to_natural", "from_natural"]
+__all__ = ["natgrad_step", "natgrad_value_and_step", "to_natural", "from_natural"]
 
 
 def _sym(A: jax.Array) -> jax.Array:
@@ -72,12 +72,20 @@ def natgrad_step(elbo_fn: Callable[[jax.Array, jax.Array], jax.Array], q_mean: j
     Returns:
         the new ``(m, S)``.
     """
+    return natgrad_value_and_step(elbo_fn, q_mean, q_scale_tril, gamma)[1]
+
+
+def natgrad_value_and_step(elbo_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                           q_mean: jax.Array, q_scale_tril: jax.Array,
+                           gamma: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """As :func:`natgrad_step`, also returning ``elbo_fn`` at the current ``q`` (before the
+    step; computed by the same pass as its gradient)."""
 
     def elbo_of_eta(eta1, eta2):
         cov = _sym(eta2) - jnp.outer(eta1, eta1)
         return elbo_fn(eta1, jnp.linalg.cholesky(cov))
 
     eta2 = q_scale_tril @ q_scale_tril.T + jnp.outer(q_mean, q_mean)
-    g1, g2 = jax.grad(elbo_of_eta, argnums=(0, 1))(q_mean, eta2)
+    value, (g1, g2) = jax.value_and_grad(elbo_of_eta, argnums=(0, 1))(q_mean, eta2)
     theta1, theta2 = to_natural(q_mean, q_scale_tril)
-    return from_natural(theta1 + gamma * g1, theta2 + gamma * _sym(g2))
+    return value, from_natural(theta1 + gamma * g1, theta2 + gamma * _sym(g2))
