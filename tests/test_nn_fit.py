@@ -127,6 +127,9 @@ def test_errors_name_the_layer_and_the_problem():
         vj.nn.Normal(-1.0)
     with pytest.raises(ValueError, match="pi must lie in"):
         vj.nn.ScaleMixture(pi=1.5)
+    with pytest.raises(ValueError, match="sparse variational dropout layers"):
+        vj.nn.sparsity(vj.fit(_model(vj.nn.DropoutDense(6, 1)), data, steps=20, progress=False,
+                              convergence=None))
     with pytest.raises(ValueError, match="max_alpha must lie in"):
         vj.nn.DropoutDense(3, 1, max_alpha=2.0)
     with pytest.raises(ValueError, match="layer 'w' needs the factorised form"):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vijax.nn.layers import SparseDense, _Dropout
+from vijax.nn.layers import SparseDense
 
 __all__ = ["posterior", "sparsity", "mean_values"]
 
@@ -34,22 +34,22 @@ def posterior(res) -> dict[str, dict[str, jax.Array]]:
 
 
 def sparsity(res) -> dict[str, dict[str, float]]:
-    """Per variational dropout layer (:class:`vijax.nn.SparseDense` pruned at its
-    threshold; :class:`vijax.nn.DropoutDense` at ``log alpha > 3``): ``{"weights": total,
-    "kept": nonzero after pruning, "pruned_fraction": ...}``, plus an ``"all"`` entry over
-    every such layer. Raises ``ValueError`` when the model has none."""
+    """Per sparse variational dropout layer (:class:`vijax.nn.SparseDense`, pruned where
+    ``log alpha`` exceeds its threshold): ``{"weights": total, "kept": nonzero after
+    pruning, "pruned_fraction": ...}``, plus an ``"all"`` entry over every such layer.
+    Raises ``ValueError`` when the model has none (:class:`vijax.nn.DropoutDense` bounds
+    alpha by 1 and never prunes)."""
     out, total, kept = {}, 0, 0
     for b in _layers(res):
-        if not isinstance(b.layer, _Dropout):
+        if not isinstance(b.layer, SparseDense):
             continue
         la = np.asarray(b.layer.posterior(res.mparams[b.name])["log_alpha"])
-        thr = b.layer.threshold if isinstance(b.layer, SparseDense) else 3.0
-        n, k = int(la.size), int(np.sum(la <= thr))
+        n, k = int(la.size), int(np.sum(la <= b.layer.threshold))
         out[b.name] = {"weights": n, "kept": k, "pruned_fraction": 1.0 - k / n}
         total, kept = total + n, kept + k
     if not out:
-        raise ValueError("sparsity is defined for variational dropout layers "
-                         "(vj.nn.SparseDense, vj.nn.DropoutDense); this model has none")
+        raise ValueError("sparsity is defined for sparse variational dropout layers "
+                         "(vj.nn.SparseDense); this model has none")
     out["all"] = {"weights": total, "kept": kept, "pruned_fraction": 1.0 - kept / total}
     return out
 

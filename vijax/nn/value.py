@@ -16,6 +16,12 @@
 
 The value is a pytree (weights and the key are its leaves), so it can cross ``jax.vmap``,
 ``jax.eval_shape`` and ``jax.jit`` boundaries like an array.
+
+A layer called more than once in one evaluation (weight tying, a recurrence) draws from the
+same key each time. Under ``"sample"`` and ``"flipout"`` that is exact weight tying (row i sees
+the same weights in every call); under ``"lrt"`` it gives different inputs the same
+standardised noise, which is not the noise of shared weights: declare a reused layer with
+``estimator="flipout"`` or ``"sample"``.
 """
 
 from __future__ import annotations
