@@ -74,9 +74,9 @@ def test_default_batch_size_bounds_the_chunk_bytes(res, monkeypatch):
     def spy(*args):
         run = build(*args)
 
-        def recorded(keys, fn_keys, params):
+        def recorded(keys, fn_keys, *params):
             sizes.append(keys.shape[0])
-            return run(keys, fn_keys, params)
+            return run(keys, fn_keys, *params)
 
         return recorded
 
