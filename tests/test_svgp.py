@@ -189,3 +189,15 @@ def test_bad_inputs_named(call, match):
 def test_more_inducing_points_than_data_warns():
     with pytest.warns(UserWarning, match="more inducing points than data"):
         gp.init_params(gp.SVGP(gp.RBF(), inducing=N + 5), X, Y, jax.random.key(0))
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    """A step whose update is not finite (here a NaN natgrad step size at step 3) is skipped,
+    counted, and reported with a warning; the fit continues from the previous state."""
+    yb = (Y > 0).astype(float)
+    model = gp.SVGP(gp.RBF(), "bernoulli", inducing=5)
+    with pytest.warns(RuntimeWarning, match="1 of 10 steps had a non-finite"):
+        res = gp.fit_svgp(model, X, yb, steps=10, key=jax.random.key(0),
+                          natgrad_step=lambda t: jnp.where(t == 3, jnp.nan, 0.1))
+    assert res.n_nonfinite_skipped == 1
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(res.params))
