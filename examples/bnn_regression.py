@@ -27,7 +27,8 @@ Methods:
    (-0.5, 0.5)) and Adam(3e-3), minibatches of 32 through a subsampled plate; predictive:
    S = 100 draws of the guide.
 4. **vijax BNN**: the same model with ``vj.nn.Dense`` layers (their default prior, the same
-   N(0, 1/fan_in); local reparameterisation) and ``vj.Latent`` precision, ``vj.fit(..., batch_size=32)`` with
+   N(0, 1/fan_in); local reparameterisation) and ``vj.Latent`` precision,
+   ``vj.fit(..., batch_size=32)`` with
    Adam(3e-3) and otherwise vj.fit's defaults;
    predictive: :func:`vijax.predictive` with S = 100 draws (one weight sample per draw).
 
@@ -385,7 +386,8 @@ def markdown(rows: list[dict], config: Config, full: bool) -> str:
         f"and hidden units, length scale {LENGTH_SCALE}, fixed tau {TAU} (original units, "
         f"not tuned), {config.steps_dropout} steps, T={DRAWS}. Deep ensemble: "
         f"{N_ENSEMBLE} Gaussian-NLL nets, {config.steps_ensemble} steps each, no adversarial "
-        f"training. NumPyro AutoNormal and vijax BNN: Adam lr {SVI_LR}, N(0, 1/fan_in) weight priors, "
+        f"training. NumPyro AutoNormal and vijax BNN: Adam lr {SVI_LR}, N(0, 1/fan_in) weight "
+        "priors, "
         "Gamma"
         f"{PREC_PRIOR} noise precision, {config.steps_svi} steps, S={DRAWS} draws (vijax: "
         "`vj.fit` defaults otherwise, LRT, default stopping rule).\n")

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.conftest import count_compiles, precision
 
+from tests.conftest import count_compiles, precision
 from vijax.curvature import METHODS, hessian_fn
 
 DTYPES = ["float32", "float64"]

@@ -14,10 +14,10 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 import pytest
-from tests.conftest import precision, raw_fit
 from numpyro.distributions import constraints
 
 import vijax as vj
+from tests.conftest import precision, raw_fit
 from vijax.checkpoint import archive, config
 
 Y = np.array([0.3, -0.5, 1.2, 0.8])

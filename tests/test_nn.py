@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
-from numpyro.distributions import constraints
 
 import vijax as vj
 from tests.conftest import precision

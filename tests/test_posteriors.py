@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.conftest import precision, raw_fit
 from numpyro.infer.util import log_density
 
 import vijax as vj
 from benchmarks.posteriors import POSTERIORS, load, score  # benchmarks/: pytest pythonpath
+from tests.conftest import precision, raw_fit
 
 NAMES = list(POSTERIORS)
 PICK = [0, 500, 999]  # three of the 1,000 reference draws

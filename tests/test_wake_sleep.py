@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tests.conftest import precision
 from numpyro.distributions import constraints
 
 import vijax as vj
+from tests.conftest import precision
 from vijax.guides.local import (
     LocalSpec,
     build_local,

@@ -14,8 +14,15 @@ Example:
     ['l1']
 """
 
-from vijax.nn.layers import Conv2D, Dense, DropoutDense, Layer, SparseDense, kingma_neg_kl, \
-    molchanov_neg_kl
+from vijax.nn.layers import (
+           Conv2D,
+           Dense,
+           DropoutDense,
+           Layer,
+           SparseDense,
+           kingma_neg_kl,
+           molchanov_neg_kl,
+)
 from vijax.nn.priors import Normal, ScaleMixture, gaussian_kl
 from vijax.nn.results import apply_mean, mean_values, posterior, sparsity
 from vijax.nn.value import LayerValue
