@@ -26,6 +26,7 @@ from vijax.guides.base import Guide
 from vijax.guides.local import LocalSpec, build_local, example_row, lift_global
 from vijax.guides.resolve import build_guide
 from vijax.loop import init_state, make_chunk_runner
+from vijax.memory_maps import relieve
 from vijax.objective import Objective, make_objective
 from vijax.objective_local import make_local_objective
 from vijax.objective_wake_sleep import is_wake_sleep, make_wake_sleep_objective
@@ -90,10 +91,16 @@ class Program(NamedTuple):
         return _weighted_sampler(self.problem.target, self.guide, n, constrained)
 
 
-@functools.lru_cache(maxsize=128)
 def compile_problem(problem: Problem) -> Program:
     """The :class:`Program` of ``problem``: built once per problem (an LRU cache of 128), each
-    piece compiled by ``jax.jit`` on its first call."""
+    piece compiled by ``jax.jit`` on its first call. A new problem first makes room in the
+    process's memory mappings when they run short (:mod:`vijax.memory_maps`)."""
+    relieve()  # reads /proc/self/maps: well under a millisecond for a small process
+    return _compiled_problem(problem)
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled_problem(problem: Problem) -> Program:
     target, feed, rule, optimizer = problem.target, problem.feed, problem.rule, \
         problem.optimizer
     if isinstance(problem.spec, LocalSpec):
