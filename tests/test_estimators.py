@@ -230,7 +230,8 @@ def test_mixed_discrete_and_continuous_model_trains_stably():
     assert abs(got[0] - left) < 0.25 and abs(got[1] - right) < 0.25, got
 
 
-@pytest.mark.parametrize("guide", ["delta", "lowrank", "iaf"])
+@pytest.mark.parametrize("guide", ["delta", "lowrank", pytest.param("iaf",
+                                                                    marks=pytest.mark.slow)])
 def test_discrete_latents_with_other_guides(guide):
     spec = vj.guides.IAF(num_layers=2, hidden=(8,)) if guide == "iaf" else guide
     res = raw_fit(GMM, GMM_Y, guide=spec, steps=300, key=jax.random.key(0))

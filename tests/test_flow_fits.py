@@ -80,7 +80,8 @@ def test_spline_flow_beats_fullrank(target):
         assert min(k_f, k_g) > 0.5
 
 
-@pytest.mark.parametrize("target", ["banana", pytest.param("funnel", marks=SLOW)])
+@pytest.mark.parametrize("target", [pytest.param("banana", marks=SLOW),
+                                    pytest.param("funnel", marks=SLOW)])
 def test_iaf_beats_fullrank_elbo(target):
     # IAF steps are affine in each coordinate given the others, so it cannot skew the marginal
     # of independent coordinates: the skewed target is the coupling spline's job.

@@ -48,7 +48,9 @@ def _fit_and_drop(kind: str) -> weakref.ref:
     return ref
 
 
-@pytest.mark.parametrize("kind", ["default", "bound", "minibatch", "stream", "numpyro"])
+@pytest.mark.parametrize("kind", ["default", pytest.param("bound", marks=pytest.mark.slow),
+                                  "minibatch", "stream",
+                                  pytest.param("numpyro", marks=pytest.mark.slow)])
 def test_the_data_is_freed_after_the_fit(kind):
     ref = _fit_and_drop(kind)
     gc.collect()

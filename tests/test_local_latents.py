@@ -256,7 +256,8 @@ def _check_objective_against_closed_form(model, data, guide, params, elbo_fn):
 
 # --------------------------------------------------------------------------------------------
 # 2. importance sampling with the exact posterior is exact
-@pytest.mark.parametrize("family", ["fullrank", "meanfield"])
+@pytest.mark.parametrize("family", [pytest.param("fullrank", marks=pytest.mark.slow),
+                                    "meanfield"])
 def test_bounds_exact_at_exact_posterior(family):
     N, D, d = 40, 4, 2
     W, b, sigma, data = _ppca_data(N, D, d, seed=2, orthogonal=family == "meanfield")
