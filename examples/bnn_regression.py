@@ -21,13 +21,12 @@ Methods:
 2. **Deep ensemble** (Lakshminarayanan et al. 2017): 5 equinox MLPs with a (mean, softplus
    variance) head trained by the Gaussian NLL from different inits and batch orders (no
    adversarial training); predictive: the equal mixture of the 5 Gaussians.
-3. **NumPyro AutoNormal**: Normal(0, 1/fan_in) priors on all weights and biases (sd
-   ``1/sqrt(13 or 8)`` into the hidden layer, ``1/sqrt(50)`` out of it), Gamma(1, 0.1) on the
+3. **NumPyro AutoNormal**: Normal(0, 1) priors on all weights and biases, Gamma(1, 0.1) on the
    noise precision, ``numpyro.infer.SVI`` with ``AutoNormal`` (means initialised uniformly in
    (-0.5, 0.5)) and Adam(3e-3), minibatches of 32 through a subsampled plate; predictive:
    S = 100 draws of the guide.
 4. **vijax BNN**: the same model with ``vj.nn.Dense`` layers (their default prior, the same
-   N(0, 1/fan_in); local reparameterisation) and ``vj.Latent`` precision,
+   N(0, 1); local reparameterisation) and ``vj.Latent`` precision,
    ``vj.fit(..., batch_size=32)`` with
    Adam(3e-3) and otherwise vj.fit's defaults;
    predictive: :func:`vijax.predictive` with S = 100 draws (one weight sample per draw).
@@ -249,7 +248,7 @@ def _mlp(w1, b1, w2, b2, x):
 
 def numpyro_bnn(x, y=None, n=None):
     d = x.shape[1]
-    s1, s2 = 1 / np.sqrt(d), 1 / np.sqrt(HIDDEN)  # vj.nn's default: N(0, 1/fan_in)
+    s1 = s2 = 1.0  # vj.nn's default prior, N(0, 1)
     w1 = numpyro.sample("w1", dist.Normal(0, s1).expand([d, HIDDEN]).to_event(2))
     b1 = numpyro.sample("b1", dist.Normal(0, s1).expand([HIDDEN]).to_event(1))
     w2 = numpyro.sample("w2", dist.Normal(0, s2).expand([HIDDEN, 1]).to_event(2))
@@ -278,8 +277,8 @@ def numpyro_autonormal(key, split: Split, steps: int):
 
 
 def vijax_model(d_in: int) -> vj.Model:
-    """The NumPyro model above with ``vj.nn`` layers (their default prior, N(0, 1/fan_in),
-    is the NumPyro model's)."""
+    """The NumPyro model above with ``vj.nn`` layers (their default prior, N(0, 1), is the
+    NumPyro model's)."""
 
     def log_likelihood(z, data):
         f = z["l2"](jax.nn.relu(z["l1"](data["x"])))[:, 0]
@@ -386,7 +385,7 @@ def markdown(rows: list[dict], config: Config, full: bool) -> str:
         f"and hidden units, length scale {LENGTH_SCALE}, fixed tau {TAU} (original units, "
         f"not tuned), {config.steps_dropout} steps, T={DRAWS}. Deep ensemble: "
         f"{N_ENSEMBLE} Gaussian-NLL nets, {config.steps_ensemble} steps each, no adversarial "
-        f"training. NumPyro AutoNormal and vijax BNN: Adam lr {SVI_LR}, N(0, 1/fan_in) weight "
+        f"training. NumPyro AutoNormal and vijax BNN: Adam lr {SVI_LR}, N(0, 1) weight "
         "priors, "
         "Gamma"
         f"{PREC_PRIOR} noise precision, {config.steps_svi} steps, S={DRAWS} draws (vijax: "

@@ -11,13 +11,13 @@ from_draws`: mean +- 2 sqrt(epistemic variance) (the spread of the draws' means)
 2 sqrt(total variance) (plus the noise).
 
 What it shows (seed 0, 6000 steps): neither is a good posterior. The mean-field BNN underfits:
-with 40 points its ELBO optimum keeps the first layer's weights at their prior (posterior sd
-0.85 against the prior's 1) and explains the data by noise: a smooth, nearly linear mean, a
-learned noise sd of ~25 (true 3) and wide epistemic bands everywhere. This is the objective,
-not the optimiser: a KL warm-up, 20,000 steps or Adam(1e-2) reach the same -ELBO (64.0-65.0
-nats); it is the known over-pruning of mean-field VI in BNNs (Trippe & Turner 2018). With
-``Normal(1.0)`` weight priors (NumPyro's ``AutoNormal`` on the same model behaves alike) the
-optimum is 57 nats worse still. MC dropout fits the cubic but its epistemic band stays narrow
+with 40 points its ELBO optimum keeps the weights near their N(0, 1) prior and explains the data
+by noise: a smooth, nearly linear mean, a learned noise sd of ~33 (true 3) and wide epistemic
+bands everywhere. This is the objective, not the optimiser: a KL warm-up, 20,000 steps or
+Adam(1e-2) reach the same -ELBO; it is the known over-pruning of mean-field VI in BNNs (Trippe &
+Turner 2018), and NumPyro's ``AutoNormal`` on the same model gives noise sd ~44-46. With
+``vj.nn.Normal(1 / sqrt(fan_in))`` priors the -ELBO is 57 nats lower (64 vs 121) and the noise
+sd ~25, still nearly linear. MC dropout fits the cubic but its epistemic band stays narrow
 between the clusters (mean epistemic sd 0.8 for ``|x| < 1`` against 6.7 on the clusters): the
 missing in-between uncertainty described by Foong et al. (2019).
 

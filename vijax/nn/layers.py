@@ -175,12 +175,12 @@ class Dense(Layer):
         in_features, out_features: the weight matrix is ``(in_features, out_features)``.
         bias: learn a bias (with the same prior as the weights).
         prior: :class:`vijax.nn.Normal` (exact KL) or :class:`vijax.nn.ScaleMixture` (KL
-            from one weight draw per step). Default: ``Normal(1 / sqrt(fan_in))`` (fan_in =
-            ``in_features``), which keeps the prior's pre-activations at unit scale whatever
-            the width. With ``Normal(1.0)`` a 50-unit hidden layer's prior function has a
-            variance of about 25 on standardised data, and the mean-field fit pays for it:
-            its ELBO was 120 nats worse on Boston (455 rows) and 57 worse on a 40-point 1-D
-            toy, where it settled on a nearly linear mean.
+            from one weight draw per step). Default ``Normal(1.0)`` (TFP's, Pyro's and the
+            UCI literature's). ``Normal(1 / sqrt(fan_in))`` keeps the prior's pre-activations
+            at unit scale whatever the width and raised the ELBO (its model's evidence) by
+            ~120 nats on Boston and Concrete, but predicted worse on held-out Concrete rows
+            (RMSE 5.84 vs 5.48, test LL -3.205 vs -3.152, 10 splits): a prior is a
+            modelling choice, and the default follows the held-out accuracy.
         estimator: ``"lrt"`` (local reparameterization, default), ``"flipout"`` or
             ``"sample"`` (one weight draw shared by the batch); see :mod:`vijax.nn.value`.
         init_scale: initial posterior sd of every weight, relative to the LeCun init sd
@@ -207,7 +207,7 @@ class Dense(Layer):
         if not (prior is None or isinstance(prior, Normal | ScaleMixture)):
             raise TypeError(f"vj.nn.Dense: prior must be vj.nn.Normal(...) or "
                             f"vj.nn.ScaleMixture(...), got {prior!r}")
-        self.prior = Normal(1.0 / math.sqrt(self.fan_in)) if prior is None else prior
+        self.prior = Normal(1.0) if prior is None else prior
         if estimator not in ESTIMATORS:
             raise ValueError(f"vj.nn.Dense: estimator must be one of {ESTIMATORS}, got "
                              f"{estimator!r}")
