@@ -71,3 +71,20 @@ def unconstrain(spec: Any, values: Any) -> Any:
     """Inverse of :func:`constrain`."""
     return jax.tree.map(lambda p, v: biject_to(p.support).inv(v), spec, values,
                         is_leaf=is_param)
+
+
+class Hyperparameters:
+    """Shared by kernels and likelihoods: ``_hypers`` ``{name: (support, default)}`` and
+    ``_spec`` ``{name: Param or None}`` (``None``: set from the data)."""
+
+    _hypers: dict = {}
+    _spec: dict = {}
+
+    def __repr__(self) -> str:
+        inits = ", ".join(f"{k}={None if p is None else p.init}" for k, p in self._spec.items())
+        return f"{type(self).__name__}({inits})"
+
+    def params_spec(self) -> Any:
+        """Pytree of ``Param`` (supports and inits) matching ``init_params``."""
+        return {k: p if p is not None else Param(support=self._hypers[k][0])
+                for k, p in self._spec.items()}

@@ -39,8 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import constraints
 
-from vijax.gp._params import as_param, init_value
-from vijax.model import Param
+from vijax.gp._params import Hyperparameters, as_param, init_value
 
 __all__ = ["Kernel", "RBF", "Matern12", "Matern32", "Matern52", "Periodic",
            "RationalQuadratic", "White", "Constant", "Linear", "Sum", "Product", "as_2d"]
@@ -68,7 +67,7 @@ def _safe_sqrt(d2: jax.Array) -> jax.Array:
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, d2, 1.0)), 0.0)
 
 
-class Kernel:
+class Kernel(Hyperparameters):
     """A covariance function. Leaves declare ``_hypers``: ``{name: (support, default)}``
     (default ``None``: set from the data at :meth:`init_params`)."""
 
@@ -85,14 +84,6 @@ class Kernel:
                             f"it has {sorted(self._hypers)}")
         self._spec = spec
 
-    def __repr__(self) -> str:
-        inits = ", ".join(f"{k}={None if p is None else p.init}" for k, p in self._spec.items())
-        return f"{type(self).__name__}({inits})"
-
-    def params_spec(self) -> Any:
-        """Pytree of ``Param`` (supports and inits) matching :meth:`init_params`."""
-        return {k: p if p is not None else Param(support=self._hypers[k][0])
-                for k, p in self._spec.items()}
 
     def init_params(self, dtype: Any = jnp.float32, x_std: Any = 1.0, f_var: float = 1.0) -> Any:
         """Constrained initial hyper-parameters. Hyper-parameters left at ``None`` are set

@@ -24,8 +24,7 @@ import numpy as np
 from jax.scipy.special import gammaln, log_ndtr, ndtr
 from numpyro.distributions import constraints
 
-from vijax.gp._params import as_param, init_value
-from vijax.model import Param
+from vijax.gp._params import Hyperparameters, as_param, init_value
 
 __all__ = ["Likelihood", "Gaussian", "Bernoulli", "Poisson", "StudentT", "get_likelihood",
            "gauss_hermite"]
@@ -38,7 +37,7 @@ def gauss_hermite(num: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(x, dtype), jnp.asarray(w / math.sqrt(math.pi), dtype)
 
 
-class Likelihood:
+class Likelihood(Hyperparameters):
     """``log p(y | f)`` per observation; ``_hypers``: ``{name: (support, default)}``."""
 
     _hypers: dict[str, tuple[constraints.Constraint, Any]] = {}
@@ -52,13 +51,6 @@ class Likelihood:
         self._spec = {k: as_param(name, k, values.get(k, d), s)
                       for k, (s, d) in self._hypers.items()}
 
-    def __repr__(self) -> str:
-        inits = ", ".join(f"{k}={None if p is None else p.init}" for k, p in self._spec.items())
-        return f"{type(self).__name__}({inits})"
-
-    def params_spec(self) -> dict:
-        return {k: p if p is not None else Param(support=self._hypers[k][0])
-                for k, p in self._spec.items()}
 
     def init_params(self, dtype: Any = jnp.float32, y_var: float = 1.0) -> dict:
         """Constrained initial hyper-parameters; ``None`` ones are set from ``y_var``."""
