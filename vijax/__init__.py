@@ -9,6 +9,7 @@ from vijax.cavi import CAVIResult, GMMPrior, cavi_gmm, default_gmm_prior, gmm_mo
 from vijax.checks import prepare_data
 from vijax.convergence import Convergence, ConvergenceWarning
 from vijax.fit import fit
+from vijax.placement import Placement
 from vijax.io import load
 from vijax.local_result import importance_log_likelihood, local_posterior
 from vijax.many import FitManyResult, fit_many
@@ -24,7 +25,7 @@ from vijax.trust import NonFiniteError
 from vijax.version import __version__
 
 __all__ = [
-    "Latent", "Param", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics",
+    "Latent", "Param", "Model", "model", "from_numpyro", "fit", "Placement", "FitResult", "Diagnostics",
     "Summary",
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
     "load", "predictive", "Convergence", "ConvergenceWarning", "Precondition", "NonFiniteError",

@@ -24,11 +24,21 @@ from vijax.feeding import (
     _data_feed,
     _epochs,
     _feed_args,
+    _next_chunk,
+    _placed_data,
     _psis_default,
 )
 from vijax.loop import FitState, init_state, stopped
 from vijax.model import Model
 from vijax.optim import default_optimizer
+from vijax.placement import (
+    Placement,
+    place_replicated,
+    place_rows,
+    place_tree,
+    state_shardings,
+    to_host,
+)
 from vijax.program import Problem, compile_problem, parameter_count
 from vijax.result import Diagnostics, FitResult
 from vijax.start import (
@@ -38,7 +48,13 @@ from vijax.start import (
     _source_loc,
     _warm_params,
 )
-from vijax.trust import _check_finite_params, _nonfinite_error, _psis_check, warn_if_untrusted
+from vijax.trust import (
+    _check_finite_params,
+    _nonfinite_error,
+    _placed_psis_check,
+    _psis_check,
+    warn_if_untrusted,
+)
 
 __all__ = ["fit_single", "family_defaults", "run_chunks"]
 
@@ -75,8 +91,8 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
                init_from: FitResult | None, estimator, rule: Convergence | None,
                max_consecutive: int, progress: bool | None, psis_draws: int | None,
                resume: FitResult | None = None, batch_size: int | None = None,
-               shuffle: str = "epoch", stream: bool = False, kl_weight: Any = None
-               ) -> FitResult:
+               shuffle: str = "epoch", stream: bool = False, kl_weight: Any = None,
+               placement: Placement | None = None) -> FitResult:
     """:func:`vijax.fit` of one family (not a staged fit): the initial point, the compiled
     loop run chunk by chunk until the stopping rule or ``steps``, the end-of-fit checks
     (:mod:`vijax.trust`) and the result.
@@ -85,7 +101,8 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
     check_fit_options`: ``rule`` the resolved stopping rule, ``max_consecutive`` the limit of
     consecutive non-finite steps), ``spec`` a resolved guide spec and, for a new fit, the
     defaults filled in (:func:`family_defaults`); ``resume``: a result whose loop continues
-    (its spec, estimator, optimizer, particles and dtype given here as they are)."""
+    (its spec, estimator, optimizer, particles and dtype given here as they are);
+    ``placement``: the mesh the data rows are split over (:mod:`vijax.placement`)."""
     target = model.target
     num_particles = _check_int("num_particles", num_particles)
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
@@ -96,9 +113,10 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, data if host is None else host.batch_shapes(
         feed.minibatch.batch_size), dtype)
-    if feed is not None and feed.minibatch is not None:
+    if (feed is not None and feed.minibatch is not None) or placement is not None:
         _check_batch_axis(model, target, data if host is None else host.batch_shapes(
             feed.minibatch.batch_size), dtype)
+    placed = None if placement is None else _placed_data(model, data, host, feed, placement)
     if psis_draws is None:
         psis_draws = _psis_default(target.dim, n_obs if feed is not None else None)
     if rule is not None:
@@ -107,7 +125,7 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
             and feed.minibatch.batch_size < n_obs) else 0.0
         rule = rule.sized(*parameter_count(target, spec, dtype.name), noise_ratio=noise)
     program = compile_problem(Problem(target, spec, estimator, num_particles, optimizer,
-                                      chunk_len, rule, feed))
+                                      chunk_len, rule, feed, placement))
     guide_fns, objective, runner, start, restart = (
         program.guide, program.objective, program.run_chunk, program.start, program.restart)
     key = _check_key(key)
@@ -116,11 +134,16 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
     else:  # the initial point and the checks use the first batch
         data = jax.tree_util.tree_map(jnp.asarray,
                                       host.gather(np.arange(feed.minibatch.batch_size)))
+    run_data = data if placed is None else placed
+    if placement is not None and host is not None:  # the first batch, for the start
+        run_data = place_rows(data, placement)
 
     t0 = time.perf_counter()
     if resume is not None:
         state, k_loop, theta0 = _resumable_state(resume, rule), resume.loop_key, \
             resume.init_point
+        if placement is not None:
+            state, k_loop = _place_state(state, k_loop, placement)
         previous = np.asarray(resume.losses)
     else:
         if init_from is not None:
@@ -132,7 +155,9 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
             mask = np.ones((target.full_dim,), bool)
         else:
             fixed, mask = _fixed_init(target, init, dtype)
-        tries, theta0, ok, state, k_loop = start(key, data, fixed, mask)
+        if placement is not None:
+            key, fixed, mask = place_replicated((key, fixed, mask), placement)
+        tries, theta0, ok, state, k_loop = start(key, run_data, fixed, mask)
         _check_init_found(target, tries, theta0, ok, mask)
         if init_from is not None:
             gparams, mparams = target.split_params(state.params)
@@ -141,13 +166,19 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
                 mparams = init_from.mparams
             if warm is not None or (target.params and init_from.mparams is not None):
                 gparams = gparams if warm is None else warm
-                state = restart((gparams, mparams) if target.params else gparams)
+                params = (gparams, mparams) if target.params else gparams
+                if placement is not None:
+                    params = place_replicated(params, placement)
+                state = restart(params)
         previous = np.zeros((0,), dtype)
 
     state, losses, n_run, wall = run_chunks(
-        runner, state, data, k_loop, steps=steps, chunk_len=chunk_len, average=average,
+        runner, state, run_data, k_loop, steps=steps, chunk_len=chunk_len, average=average,
         max_consecutive=max_consecutive, feed=feed, host=host, n_obs=n_obs,
-        progress=progress, name=objective.name, previous=previous, t0=t0)
+        progress=progress, name=objective.name, previous=previous, t0=t0,
+        placement=placement)
+    if placement is not None:  # the result lives on one device, whatever the mesh
+        state, k_loop, theta0 = to_host((state, k_loop, theta0))
     begin = int(state.step) - n_run
 
     conv = state.conv if isinstance(state.conv, ConvState) else None
@@ -164,7 +195,10 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
                                1 if guide_fns.point_mass else num_particles)
     _check_finite_params(target, guide_fns, state, n_run)
     gparams, mparams = target.split_params(params)
-    if feed is None:
+    if placed is not None:  # draws in bounded chunks against the rows split over the mesh
+        check = _placed_psis_check(target, guide_fns, gparams, key, psis_draws, placed,
+                                   observation_count_of(data), mparams, placement)
+    elif feed is None:
         check = _psis_check(target, guide_fns, gparams, key, psis_draws, data, mparams)
     else:
         check = _psis_check(target, guide_fns, gparams, key, psis_draws,
@@ -177,11 +211,13 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
 
 def run_chunks(runner, state, data, k_loop, *, steps: int, chunk_len: int, average: float,
                max_consecutive: int, feed, host, n_obs, progress, name: str,
-               previous: np.ndarray, t0: float):
+               previous: np.ndarray, t0: float, placement: Placement | None = None):
     """The host's chunk loop of a fit: ``runner`` (a program's ``run_chunk``) called until
     the stopping rule or ``steps``, a stream's next batches gathered and shipped while a
     chunk runs, the progress bar updated per chunk. Returns ``(state, losses (all steps run,
-    ``previous`` included), steps run now, wall seconds since t0)``."""
+    ``previous`` included), steps run now, wall seconds since t0)``. With a ``placement``,
+    ``state``, ``data`` and ``k_loop`` are already on its mesh, and a stream's batches are
+    placed there chunk by chunk."""
     begin = int(state.step)
     total = jnp.asarray(begin + steps, jnp.int32)
     # the averaging window is a fraction of all steps (a resumed fit's included)
@@ -193,16 +229,16 @@ def run_chunks(runner, state, data, k_loop, *, steps: int, chunk_len: int, avera
     loop_data = () if host is not None else data
     n_chunks = math.ceil(steps / chunk_len)
     with _progress_bar(progress, steps, name, _epochs(feed, n_obs)) as bar:
-        pending = None if host is None else host.chunk(feed.minibatch, begin, chunk_len,
-                                                       args["seed_host"])
+        pending = None if host is None else _next_chunk(host, feed, begin, chunk_len,
+                                                        args["seed_host"], placement)
         for i in range(n_chunks):
             feed_args = None if feed is None else _chunk_args(args, pending)
             state, losses = runner(state, loop_data, k_loop, total, avg_start,
                                    first_chunk_end, limit, feed_args)
             if host is not None and i + 1 < n_chunks:
                 # the next chunk's batches: gathered and shipped while this chunk runs
-                pending = host.chunk(feed.minibatch, begin + (i + 1) * chunk_len, chunk_len,
-                                     args["seed_host"])
+                pending = _next_chunk(host, feed, begin + (i + 1) * chunk_len, chunk_len,
+                                      args["seed_host"], placement)
             chunks.append(losses)
             bar.update(int(state.step) - begin, losses)
             if bool(stopped(state)):
@@ -210,6 +246,16 @@ def run_chunks(runner, state, data, k_loop, *, steps: int, chunk_len: int, avera
     n_run = int(state.step) - begin
     losses = np.concatenate([previous] + [np.asarray(c) for c in chunks])[:begin + n_run]
     return state, losses, n_run, time.perf_counter() - t0
+
+
+def _place_state(state, k_loop, placement: Placement):
+    """A result's loop state (and key) put on the mesh as the compiled loop keeps it."""
+    return place_tree(state, state_shardings(state, placement)), place_replicated(
+        k_loop, placement)
+
+
+def observation_count_of(data) -> int:
+    return int(np.shape(jax.tree_util.tree_leaves(data)[0])[0])
 
 
 def _resumable_state(res: FitResult, rule) -> FitState:

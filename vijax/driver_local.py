@@ -17,13 +17,20 @@ import numpy as np
 from vijax.checks import _check_int, _check_key, _resolve_dtype, _trace
 from vijax.convergence import Convergence, ConvState, block_params
 from vijax.data import Feed
-from vijax.driver import _assemble, _resumable_state, _skipped_before, run_chunks
-from vijax.feeding import _data_feed
+from vijax.driver import (
+    _assemble,
+    _place_state,
+    _resumable_state,
+    _skipped_before,
+    run_chunks,
+)
+from vijax.feeding import _data_feed, _placed_data
 from vijax.guides.amortized import LocalTable
 from vijax.guides.local import LocalSpec, example_row, resolve_local_spec, row_signature
 from vijax.local_weights import row_check
 from vijax.model import Model
 from vijax.optim import local_default_optimizer
+from vijax.placement import Placement, place_replicated, place_rows, to_host
 from vijax.program import Problem, compile_problem
 from vijax.result import FitResult
 from vijax.start import _fixed_init
@@ -101,7 +108,7 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
               progress: bool | None, psis_draws: int | None = None,
               resume: FitResult | None = None,
               batch_size: int | None = None, shuffle: str = "epoch", stream: bool = False,
-              kl_weight: Any = None) -> FitResult:
+              kl_weight: Any = None, placement: Placement | None = None) -> FitResult:
     """The single-family driver (:func:`vijax.driver.fit_single`) for a model with local
     latents; the arguments are ``fit``'s, checked (``guide`` as given, or the resumed
     result's spec; ``resolve_global``: the global latents' family from what ``guide`` leaves
@@ -127,6 +134,19 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
         raise ValueError("a LocalTable guide holds one row of parameters per observation of "
                          "device-resident data; a stream has no such rows: use "
                          "vj.guides.Amortized or drop stream=True")
+    placed = None
+    if placement is not None:
+        tables = [n for n, s in spec.factors if isinstance(s, LocalTable)]
+        if tables and n_obs % placement.size:
+            raise ValueError(f"local latents {tables} have a LocalTable guide (one row of "
+                             f"parameters per observation), split with the data over the "
+                             f"{placement.size} devices of mesh axis {placement.axis!r}: N = "
+                             f"{n_obs} rows do not split evenly; use a mesh axis whose size "
+                             "divides N, or vj.guides.Amortized")
+        placed = _placed_data(model, data, host, feed if feed.minibatch is not None else None,
+                              placement)
+        if placed is None:  # a stream: the start sees the first batch
+            placed = place_rows(probe, placement)
     if num_particles is None:  # a sampled local discrete latent: K draws for its baseline
         sampled = any(target.locals.block(n).discrete and getattr(s, "enumerate", None)
                       is False for n, s in spec.factors)
@@ -142,7 +162,7 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
         noise = n_obs / b if b is not None and b < n_obs else 0.0
         rule = rule.sized(*_count(target, spec, dtype), noise_ratio=noise)
     program = compile_problem(Problem(target, spec, estimator, num_particles, optimizer,
-                                      chunk_len, rule, feed))
+                                      chunk_len, rule, feed, placement))
     guide_fns, objective, runner, start = (program.guide, program.objective,
                                            program.run_chunk, program.start)
     key = _check_key(key)
@@ -152,15 +172,26 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
     if resume is not None:
         state, k_loop, theta0 = _resumable_state(resume, rule), resume.loop_key, \
             resume.init_point
+        if placement is not None:
+            state, k_loop = _place_state(state, k_loop, placement)
         previous = np.asarray(resume.losses)
     else:
         fixed, mask = _fixed_init(target, init, dtype)
-        _, theta0, _, state, k_loop = start(key, data if host is None else probe, fixed, mask)
+        first = data if host is None else probe
+        if placement is not None:
+            key_p, fixed, mask = place_replicated((key, fixed, mask), placement)
+            first = placed
+        else:
+            key_p = key
+        _, theta0, _, state, k_loop = start(key_p, first, fixed, mask)
         previous = np.zeros((0,), dtype)
     state, losses, n_run, wall = run_chunks(
-        runner, state, data, k_loop, steps=steps, chunk_len=chunk_len, average=average,
-        max_consecutive=max_consecutive, feed=feed, host=host, n_obs=n_obs,
-        progress=progress, name=objective.name, previous=previous, t0=t0)
+        runner, state, data if placed is None else placed, k_loop, steps=steps,
+        chunk_len=chunk_len, average=average, max_consecutive=max_consecutive, feed=feed,
+        host=host, n_obs=n_obs, progress=progress, name=objective.name, previous=previous,
+        t0=t0, placement=placement)
+    if placement is not None:  # the result lives on one device, whatever the mesh
+        state, k_loop, theta0 = to_host((state, k_loop, theta0))
     begin = int(state.step) - n_run
     conv = state.conv if isinstance(state.conv, ConvState) else None
     converged = conv is not None and bool(conv.converged)

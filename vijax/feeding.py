@@ -17,6 +17,7 @@ from vijax.data import (
     resolve_kl_weight,
     resolve_minibatch,
 )
+from vijax.placement import Placement, padded_rows, place_rows, place_stream_chunk
 from vijax.stream import host_data
 
 __all__ = []
@@ -115,3 +116,41 @@ def _epochs(feed: Feed | None, n_obs) -> float | None:
     if feed is None or feed.minibatch is None:
         return None
     return n_obs / feed.minibatch.batch_size
+
+
+def _placed_data(model, data, host, feed: Feed | None, placement: Placement):
+    """The device data of a fit on a mesh, split by rows over the placement's axis (``None``
+    for a stream, whose batches are placed chunk by chunk: :func:`_next_chunk`).
+
+    Minibatches need ``batch_size`` divisible by the number of shards (each device computes
+    the likelihood of an equal share of every batch); their data are padded to a multiple of
+    it (padding rows are never drawn). Full-data fits need N divisible by it: every row
+    enters every step, so padding would change the density."""
+    axis, d = placement.axis, placement.size
+    if not model.factorised:
+        raise ValueError(f"mesh= splits the data's rows over mesh axis {axis!r}: the model was "
+                         f"given as one log_joint, whose rows vijax cannot see; {_FACTORISE}")
+    mb = feed.minibatch if feed is not None else None
+    if mb is not None and mb.batch_size % d:
+        raise ValueError(f"batch_size={mb.batch_size} cannot be split evenly over the {d} "
+                         f"devices of mesh axis {axis!r}: choose a multiple of {d}")
+    if host is not None:
+        return None
+    n = observation_count(data)
+    if mb is None and n % d:
+        raise ValueError(f"the data's N = {n} rows cannot be split evenly over the {d} "
+                         f"devices of mesh axis {axis!r}, and a full-data fit uses every row "
+                         f"at every step: give batch_size= (a multiple of {d}; the data are "
+                         f"then padded to {padded_rows(n, placement)} rows that are never "
+                         "drawn) or a mesh axis whose size divides N")
+    return place_rows(data, placement, padded_rows(n, placement) if mb is not None else None)
+
+
+def _next_chunk(host, feed: Feed, first_step: int, steps: int, seed: int,
+                placement: Placement | None):
+    """A stream's batches for ``steps`` steps from ``first_step``: on one device, or split
+    over the mesh by batch columns, each process gathering only its own columns."""
+    if placement is None:
+        return host.chunk(feed.minibatch, first_step, steps, seed)
+    rows = host.chunk_rows(feed.minibatch, first_step, steps, seed)
+    return place_stream_chunk(host.gather, rows, placement)

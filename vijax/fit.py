@@ -19,6 +19,7 @@ from vijax.guides.ladder import Ladder
 from vijax.guides.laplace import Laplace
 from vijax.guides.resolve import resolve_spec
 from vijax.model import Model
+from vijax.placement import resolve_placement
 from vijax.precondition import preconditionable, resolve_precondition
 from vijax.result import FitResult
 from vijax.stages import fit_staged
@@ -39,7 +40,7 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         progress: bool | None = None, resume: FitResult | None = None,
         psis_draws: int | None = None, precondition: Any = "auto",
         batch_size: int | None = None, shuffle: str = "epoch", stream: bool = False,
-        kl_weight: Any = None) -> FitResult:
+        kl_weight: Any = None, mesh: Any = None) -> FitResult:
     """Fit a variational approximation q to the posterior of ``model`` given ``data``.
 
     Maximises the ELBO ``E_q[log p(x, z)] - E_q[log q(z)]`` (or the estimator's bound) over
@@ -140,10 +141,22 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
             ``"blundell"`` (Blundell et al. 2015's per-minibatch weights ``2^-i / (1 -
             2^-M)``, scaled so that an epoch averages to the ELBO). Recorded in
             ``res.diagnostics.data``.
+        mesh: split the data's rows over the devices of a ``jax.sharding.Mesh`` (its axis
+            ``"data"``, or its only axis) or a :class:`vijax.Placement` (a mesh and the axis
+            to split over): each device holds ``N / devices`` rows and computes their
+            likelihood, the sums are reduced across devices, and the guide's parameters and
+            optimizer state are replicated (per-row tables of local latents are split with
+            their rows). The same fit as on one device, up to the order of floating-point
+            sums. Needs a factorised model; ``batch_size`` must be a multiple of the number
+            of devices (the data are then padded), and a full-data fit needs N to be one.
+            Across processes (``jax.distributed``, :mod:`vijax.launch`), every process calls
+            ``fit`` with the same arguments and the full data (a memory map reads only the
+            rows a process needs); the result is the same in every process. ``None``: one
+            device.
 
     Models with learnable parameters (:class:`vijax.Param`) fit them jointly with the guide
-    (``res.model_params``). Fits with parameters, minibatches, a stream or a KL weight are
-    single-family fits: ``guide="auto"`` means ``"fullrank"`` up to 100 latent dimensions
+    (``res.model_params``). Fits with parameters, minibatches, a stream, a KL weight or a mesh
+    are single-family fits: ``guide="auto"`` means ``"fullrank"`` up to 100 latent dimensions
     and ``"meanfield"`` beyond, with no preconditioning.
 
     Returns:
@@ -165,6 +178,7 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         (300,)
     """
     psis_default = psis_draws is None
+    placement = resolve_placement(mesh)
     if average is None:
         average = LOCAL_AVERAGE if isinstance(model, Model) and \
             model.target.locals is not None else 0.5
@@ -186,8 +200,10 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         resume is not None and resume.feed is not None)
     if fed and psis_default:
         psis_draws = None  # sized from N by the driver
-    single = fed or bool(target.params)  # one family, in the model's own coordinates
-    feed_kw = dict(batch_size=batch_size, shuffle=shuffle, stream=stream, kl_weight=kl_weight)
+    # one family, in the model's own coordinates
+    single = fed or bool(target.params) or placement is not None
+    feed_kw = dict(batch_size=batch_size, shuffle=shuffle, stream=stream, kl_weight=kl_weight,
+                   placement=placement)
     if resume is not None:
         given = [name for name, v in (("guide", guide), ("estimator", estimator),
                                       ("optimizer", optimizer), ("num_particles", num_particles),
@@ -225,7 +241,7 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
         spec = resolve_spec("auto" if guide is None else guide)
         precondition = resolve_precondition(precondition)
         if single:
-            spec = _single_spec(spec, target, fed)
+            spec = _single_spec(spec, target, fed or placement is not None)
             precondition = None
         kw = dict(steps=steps, optimizer=optimizer, key=key, num_particles=num_particles,
                   init=init, average=average, chunk_size=chunk_size, dtype=dtype,
@@ -248,7 +264,8 @@ def fit(model: Model, data: Any = None, *, guide: Any = None, steps: int = DEFAU
 def _single_spec(spec, target, fed: bool):
     """The family of a fit with model parameters or a data feed: the ladder resolves to
     full-rank (<= 100 dimensions) or mean-field; Laplace is refused."""
-    why = "minibatches, a stream or a KL weight" if fed else "model parameters (vj.Param)"
+    why = "minibatches, a stream, a KL weight or a mesh" if fed else \
+        "model parameters (vj.Param)"
     if isinstance(spec, Ladder):
         return resolve_spec("fullrank" if target.dim <= 100 else "meanfield")
     if isinstance(spec, Laplace):

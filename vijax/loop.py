@@ -33,6 +33,7 @@ from vijax.convergence import (
 )
 from vijax.data import Feed, advance, device_indices, kl_weight_at, take
 from vijax.objective import Objective
+from vijax.placement import Placement, placed_jit
 
 __all__ = ["FitState", "init_state", "make_chunk_runner", "stopped"]
 
@@ -80,7 +81,8 @@ def _all_finite(tree) -> jax.Array:
     return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
 
 
-def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype, rows_needed=False):
+def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype, rows_needed=False,
+           constrain=None):
     """The step's data (with its row indices, ``(batch, rows)``, when ``rows_needed``), the
     objective's ``(scale, kl_weight)`` and the next data position."""
     mb = feed.minibatch
@@ -97,6 +99,8 @@ def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype, rows_needed=
     else:
         rows = device_indices(mb, pos, feed_args["seed"], n)
         batch = take(data, rows)
+        if constrain is not None:  # the compile step's placement: the batch split by rows
+            batch = constrain(batch)
         scale = n.astype(dtype) / mb.batch_size
         pos = advance(mb, pos, n)
     kl = kl_weight_at(feed.kl, state.step, state.data_pos, mb, n, dtype)
@@ -104,7 +108,8 @@ def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype, rows_needed=
 
 
 def _step(objective, optimizer, rule, data, step_key, total_steps, avg_start, first_chunk_end,
-          max_consecutive, state: FitState, feed: Feed | None = None, feed_args=None, xs=None):
+          max_consecutive, state: FitState, feed: Feed | None = None, feed_args=None, xs=None,
+          constrain=None):
     active = (state.step < total_steps) & ~stopped(state)
     if feed is None:  # the whole data every step, unweighted
         (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1,
@@ -114,7 +119,7 @@ def _step(objective, optimizer, rule, data, step_key, total_steps, avg_start, fi
     else:
         dtype = jax.tree_util.tree_leaves(state.params)[0].dtype
         batch, weights, data_pos = _batch(feed, data, feed_args, xs, state, dtype,
-                                          objective.needs_rows)
+                                          objective.needs_rows, constrain)
         (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1,
                                                       has_aux=True)(
             step_key, state.params, batch, state.est_state, weights)
@@ -163,7 +168,7 @@ def _step(objective, optimizer, rule, data, step_key, total_steps, avg_start, fi
 @functools.lru_cache(maxsize=128)
 def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformation,
                       chunk_len: int, rule: Convergence | None = None,
-                      feed: Feed | None = None):
+                      feed: Feed | None = None, placement: Placement | None = None):
     """Jitted ``run(state, data, key, total_steps, avg_start, first_chunk_end,
     max_consecutive, feed_args=None) -> (state, losses (chunk_len,))``.
 
@@ -173,6 +178,11 @@ def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformat
     (:mod:`vijax.data`), ``feed_args`` holds ``n`` (int32, the observations) and ``seed``
     (uint32, the shuffle) for device-resident minibatches, or ``n`` and ``xs`` (the chunk's
     batches, leading axis ``chunk_len``) for a host stream; the objective is weighted.
+
+    With a ``placement`` (:mod:`vijax.placement`, chosen by the compile step), the program
+    is compiled for arrays on its mesh: the state leaves a call with the shardings it came
+    in with (one program for every chunk), and a minibatch gathered from data split by rows
+    is split by rows too (each device computes the likelihood of its share of the batch).
     """
     streamed = feed is not None and feed.minibatch is not None and feed.minibatch.streamed
     groups = -(-chunk_len // _GROUP)
@@ -188,7 +198,8 @@ def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformat
                     lambda a: jax.lax.dynamic_index_in_dim(a, jnp.minimum(i, chunk_len - 1),
                                                            keepdims=False), feed_args["xs"])
             return _step(objective, optimizer, rule, data, step_key, last, avg_start,
-                         first_chunk_end, max_consecutive, state, feed, feed_args, batch)
+                         first_chunk_end, max_consecutive, state, feed, feed_args, batch,
+                         constrain)
 
         # the chunk's active steps are its first ones (an inactive step stays inactive), so
         # step i of the chunk is global step state.step + i: its key is computed up front;
@@ -205,7 +216,10 @@ def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformat
             state = state._replace(conv=leave_chunk(state.conv, rule))
         return state, losses.reshape(-1)[:chunk_len]
 
+    constrain = None if placement is None else placement.constrain_rows
     donate = (0,) if jax.default_backend() != "cpu" else ()
+    if placement is not None:
+        return placed_jit(run, placement, 2, donate)
     return jax.jit(run, donate_argnums=donate)
 
 

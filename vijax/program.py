@@ -30,6 +30,7 @@ from vijax.memory_maps import relieve
 from vijax.objective import Objective, make_objective
 from vijax.objective_local import make_local_objective
 from vijax.objective_wake_sleep import is_wake_sleep, make_wake_sleep_objective
+from vijax.placement import Placement, jit_placed_outputs
 from vijax.result import _weighted_sampler
 from vijax.start import _init_finder
 
@@ -49,6 +50,9 @@ class Problem(NamedTuple):
         chunk_len: steps per compiled chunk.
         rule: the sized stopping rule (:class:`vijax.Convergence`) or ``None``.
         feed: the data feed (:class:`vijax.data.Feed`) or ``None`` (all the data each step).
+        placement: the mesh and axis the data rows are split over
+            (:class:`vijax.Placement`), or ``None``: one device. The programs are compiled
+            for arrays placed so (:mod:`vijax.placement`); nothing else depends on it.
     """
 
     target: Any
@@ -59,6 +63,7 @@ class Problem(NamedTuple):
     chunk_len: int
     rule: Convergence | None = None
     feed: Feed | None = None
+    placement: Placement | None = None
 
 
 class Program(NamedTuple):
@@ -115,24 +120,35 @@ def _compiled_problem(problem: Problem) -> Program:
     else:
         objective = make_objective(target, guide, problem.estimator, problem.num_particles,
                                    weighted=True, kl_weighted=feed.kl is not None)
-    runner = make_chunk_runner(objective, optimizer, problem.chunk_len, rule, feed)
+    runner = make_chunk_runner(objective, optimizer, problem.chunk_len, rule, feed,
+                               problem.placement)
     find = _init_finder(target, guide.no_jacobian)
 
     def with_model_params(gparams, dtype):
         return (gparams, target.param_init(dtype)) if target.params else gparams
 
-    @jax.jit  # everything before the first step is one compiled program
-    def start(key, data, fixed, mask):
+    def start(key, data, fixed, mask):  # everything before the first step: one program
         k_init, k_guide, k_loop = jax.random.split(key, 3)
         tries, theta, ok = find(k_init, data, fixed, mask)
         params = with_model_params(guide.init(k_guide, theta), theta.dtype)
         state = init_state(params, optimizer, objective.init_state(theta.dtype), rule, feed)
         return tries, theta, ok, state, k_loop
 
-    restart = jax.jit(lambda params: init_state(  # warm starts
-        params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
-        rule, feed))
-    return Program(problem, guide, objective, start, runner, restart)
+    def restart(params):  # warm starts
+        return init_state(params, optimizer, objective.init_state(
+            jax.tree_util.tree_leaves(params)[0].dtype), rule, feed)
+
+    return Program(problem, guide, objective, *_jit_start(problem, start, restart, runner))
+
+
+def _jit_start(problem: Problem, start, restart, runner):
+    """``(start, run_chunk, restart)`` compiled for the problem's placement: on a mesh the
+    loop state comes out of ``start`` and ``restart`` replicated (per-row tables split by
+    rows), as the chunk runner keeps it."""
+    if problem.placement is None:
+        return jax.jit(start), runner, jax.jit(restart)
+    return (jit_placed_outputs(start, problem.placement), runner,
+            jit_placed_outputs(restart, problem.placement))
 
 
 def _compile_local(problem: Problem) -> Program:
@@ -158,7 +174,8 @@ def _compile_local(problem: Problem) -> Program:
         objective = make_local_objective(target, gguide, factors, problem.estimator,
                                          problem.num_particles, kl_weighted=feed.kl is not None)
     guide = lift_global(gguide)
-    runner = make_chunk_runner(objective, optimizer, problem.chunk_len, rule, feed)
+    runner = make_chunk_runner(objective, optimizer, problem.chunk_len, rule, feed,
+                               problem.placement)
     row = example_row(spec.row)
 
     def params_at(key, theta):
@@ -172,7 +189,6 @@ def _compile_local(problem: Problem) -> Program:
         # the Bayesian layers' random initial weights (other fits keep their key path)
         return gparams, target.param_init(theta.dtype, jax.random.fold_in(key, _LAYER_STREAM))
 
-    @jax.jit
     def start(key, data, fixed, mask):
         del data
         k_init, k_loop = jax.random.split(key)
@@ -181,10 +197,11 @@ def _compile_local(problem: Problem) -> Program:
         state = init_state(params, optimizer, objective.init_state(theta.dtype), rule, feed)
         return jnp.ones((), jnp.int32), theta, jnp.array(True), state, k_loop
 
-    restart = jax.jit(lambda params: init_state(
-        params, optimizer, objective.init_state(jax.tree_util.tree_leaves(params)[0].dtype),
-        rule, feed))
-    return Program(problem, guide, objective, start, runner, restart)
+    def restart(params):
+        return init_state(params, optimizer, objective.init_state(
+            jax.tree_util.tree_leaves(params)[0].dtype), rule, feed)
+
+    return Program(problem, guide, objective, *_jit_start(problem, start, restart, runner))
 
 
 _LAYER_STREAM = 0x4C415952  # fold_in counter of the Bayesian layers' initial weights

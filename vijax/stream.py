@@ -71,10 +71,14 @@ class HostData:
         shape ``(steps, B)`` (the transfer is asynchronous). The rows come from the device's
         own index program (:func:`vijax.data.device_indices`, compiled, faster than numpy),
         started at the exact ``(epoch, offset)`` of ``first_step``."""
+        return jax.device_put(self.gather(self.chunk_rows(mb, first_step, steps, seed)))
+
+    def chunk_rows(self, mb: Minibatch, first_step: int, steps: int, seed: int) -> np.ndarray:
+        """The rows ``(steps, B)`` (int64) of ``steps`` steps from ``first_step``."""
         epoch, offset = position_at(mb, first_step, self.n)
         rows = np.asarray(_chunk_rows(mb, steps)(np.int32(epoch), np.int32(offset),
                                                  np.uint32(seed), np.int32(self.n)))
-        return jax.device_put(self.gather(rows.astype(np.int64)))
+        return rows.astype(np.int64)
 
 
 @functools.lru_cache(maxsize=32)

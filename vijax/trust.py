@@ -14,6 +14,7 @@ import optax
 
 from vijax.convergence import ConvergenceWarning
 from vijax.loop import FitState
+from vijax.placement import place_replicated
 from vijax.psis import psis
 from vijax.result import FitResult, _weighted_sampler
 
@@ -190,6 +191,51 @@ def _blocked_log_weights(target, guide, params, key, n, data, mparams):
     return theta[:, :target.dim], lw
 
 
+PLACED_BUDGET = 1 << 24  # row evaluations per device per call of a sharded PSIS check
+
+
+@functools.lru_cache(maxsize=32)
+def _placed_block(target, placement):
+    """Jitted ``(theta (c, full_dim), data split by rows, n_rows, mparams) -> (c,)``: the
+    summed log likelihood of each draw over the first ``n_rows`` rows (the rest pad the
+    shards), computed where the rows are and reduced across devices."""
+
+    def block(theta, data, n_rows, mparams):
+        mask = jnp.arange(jax.tree_util.tree_leaves(data)[0].shape[0]) < n_rows
+
+        def lik(t):
+            ll = target.log_likelihood(target._values(t, mparams)[0], data)
+            return jnp.sum(jnp.where(mask, ll, 0.0))
+        return jax.vmap(lik)(theta)
+
+    return jax.jit(block, out_shardings=placement.replicated)
+
+
+def _placed_psis_check(target, guide, params, key, n: int, data, n_rows: int, mparams,
+                       placement):
+    """:func:`_psis_check` of a fit whose data rows are split over a mesh: the draws are
+    made once, then their log likelihood is evaluated in chunks of draws (each device
+    holding at most ``PLACED_BUDGET`` row evaluations) against the rows where they live."""
+    if n == 0 or guide.point_mass:
+        return _psis_check(target, guide, params, key, n, data, mparams)
+    draw, _ = _blocked_sampler(target, guide, n)
+    theta, lw = draw(jax.random.fold_in(key, 0x5151), params, mparams)
+    rows_per_device = -(-jax.tree_util.tree_leaves(data)[0].shape[0] // placement.size)
+    chunk = int(max(1, min(n, PLACED_BUDGET // max(rows_per_device, 1))))
+    block = _placed_block(target, placement)
+    theta_np = np.asarray(theta)
+    m = place_replicated(mparams, placement)
+    count = place_replicated(np.int32(n_rows), placement)
+    parts = []
+    for lo in range(0, n, chunk):
+        piece = theta_np[lo:lo + chunk]
+        if piece.shape[0] < chunk:  # one compiled shape for every chunk
+            piece = np.concatenate([piece, np.repeat(piece[:1], chunk - piece.shape[0], 0)])
+        parts.append(np.asarray(block(place_replicated(piece, placement), data, count,
+                                      m))[:min(chunk, n - lo)])
+    return _psis_from(target, theta[:, :target.dim], np.asarray(lw) + np.concatenate(parts), n)
+
+
 def _psis_check(target, guide, params, key, n: int, data, mparams=None,
                 blocked: bool = False):
     """``(k_hat, ess, reading, n)`` of PSIS on ``n`` draws of q, or ``None`` when off.
@@ -211,6 +257,11 @@ def _psis_check(target, guide, params, key, n: int, data, mparams=None,
     else:
         theta, lw = _weighted_sampler(target, guide, n, False)(
             jax.random.fold_in(key, 0x5151), params, data, mparams)
+    return _psis_from(target, theta, lw, n)
+
+
+def _psis_from(target, theta, lw, n: int):
+    """The reading of PSIS on draws ``theta (n, dim)`` with log weights ``lw (n,)``."""
     lw = np.asarray(lw, np.float64)
     if not np.any(np.isfinite(lw)):
         return float("inf"), 1.0, "unreliable (no draw has a finite log density)", n
