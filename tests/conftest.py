@@ -9,6 +9,11 @@ import pytest
 
 import vijax as vj
 
+# eight CPU devices for the sharded fits (tests/test_sharding*.py); set before JAX starts its
+# backend (importing vijax does not start it). A program that is not sharded runs on the
+# first device, as with one.
+jax.config.update("jax_num_cpu_devices", 8)
+
 
 @contextlib.contextmanager
 def precision(dtype: str):

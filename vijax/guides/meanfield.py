@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -10,7 +11,7 @@ from vijax.guides.base import Guide, make_guide, softplus, softplus_inverse
 
 __all__ = ["MeanField"]
 
-_HALF_LOG_2PI_E = 0.5 * (1.0 + jnp.log(2.0 * jnp.pi))
+_HALF_LOG_2PI_E = 0.5 * (1.0 + math.log(2.0 * math.pi))
 
 
 def _check_init_scale(init_scale: float) -> None:
