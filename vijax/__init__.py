@@ -9,7 +9,6 @@ from vijax.cavi import CAVIResult, GMMPrior, cavi_gmm, default_gmm_prior, gmm_mo
 from vijax.checks import prepare_data
 from vijax.convergence import Convergence, ConvergenceWarning
 from vijax.fit import fit
-from vijax.placement import Placement
 from vijax.io import load
 from vijax.local_result import importance_log_likelihood, local_posterior
 from vijax.many import FitManyResult, fit_many
@@ -17,6 +16,7 @@ from vijax.model import Latent, Model, ModelWarning, Param, model
 from vijax.net_params import NetParam, net_param
 from vijax.numpyro_adapter import from_numpyro
 from vijax.optim import default_optimizer
+from vijax.placement import Placement
 from vijax.precondition import Precondition
 from vijax.predictive import predictive
 from vijax.psis import PSISResult, psis
@@ -25,7 +25,8 @@ from vijax.trust import NonFiniteError
 from vijax.version import __version__
 
 __all__ = [
-    "Latent", "Param", "Model", "model", "from_numpyro", "fit", "Placement", "FitResult", "Diagnostics",
+    "Latent", "Param", "Model", "model", "from_numpyro", "fit", "Placement", "FitResult",
+    "Diagnostics",
     "Summary",
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
     "load", "predictive", "Convergence", "ConvergenceWarning", "Precondition", "NonFiniteError",

@@ -113,10 +113,10 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, data if host is None else host.batch_shapes(
         feed.minibatch.batch_size), dtype)
+    placed = None if placement is None else _placed_data(model, data, host, feed, placement)
     if (feed is not None and feed.minibatch is not None) or placement is not None:
         _check_batch_axis(model, target, data if host is None else host.batch_shapes(
             feed.minibatch.batch_size), dtype)
-    placed = None if placement is None else _placed_data(model, data, host, feed, placement)
     if psis_draws is None:
         psis_draws = _psis_default(target.dim, n_obs if feed is not None else None)
     if rule is not None:

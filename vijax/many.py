@@ -7,6 +7,10 @@ own loop state, so each has its own stopping rule and non-finite guard: a lane t
 converged or failed keeps its state (its steps change nothing) while the others go on, and the
 program ends when every lane is done. Lane ``i`` computes exactly what ``vj.fit`` computes with
 lane ``i``'s key and data (up to floating-point differences of the batched kernels).
+
+With a mesh (``mesh=``, :mod:`vijax.placement`) the lanes are split over a mesh axis: the
+vmapped programs are compiled with every output split along the lane axis, so the loop state
+leaves each chunk with the shardings it came in with, and each device runs its own lanes.
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ from vijax.guides.resolve import resolve_spec
 from vijax.loop import stopped
 from vijax.model import Model
 from vijax.optim import default_optimizer
+from vijax.placement import (
+    Placement,
+    jit_lanes,
+    padded_rows,
+    place_lanes,
+    place_tree,
+    resolve_placement,
+    to_host,
+)
 from vijax.program import Problem, compile_problem, parameter_count
 from vijax.psis import psis
 from vijax.result import Diagnostics, FitResult
@@ -118,15 +131,75 @@ def _lane_data(data, axes, i):
 
 
 @functools.lru_cache(maxsize=64)
-def _batched(pipeline_fn, axes_key, kind: str):
+def _batched(pipeline_fn, axes_key, kind: str, placement: Placement | None = None):
+    """``pipeline_fn`` vmapped over lanes and jitted; with a ``placement`` every output is
+    split along the lane axis (:func:`vijax.placement.jit_lanes`)."""
     leaves, treedef = axes_key
     axes = jax.tree_util.tree_unflatten(treedef, leaves)
     if kind == "start":
-        return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, axes, None, None)))
-    if kind == "run":
-        return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, axes, 0, None, None, None, None)))
-    # PSIS log weights: (keys, params, data, model params)
-    return jax.jit(jax.vmap(pipeline_fn, in_axes=(0, 0, axes, 0)))
+        fn = jax.vmap(pipeline_fn, in_axes=(0, axes, None, None))
+    elif kind == "run":
+        fn = jax.vmap(pipeline_fn, in_axes=(0, axes, 0, None, None, None, None))
+    else:  # PSIS log weights: (keys, params, data, model params)
+        fn = jax.vmap(pipeline_fn, in_axes=(0, 0, axes, 0))
+    return jax.jit(fn) if placement is None else jit_lanes(fn, placement)
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_summary(placement: Placement | None):
+    """Jitted ``(state, losses (L, chunk), n_valid) -> (steps taken by the first n_valid
+    lanes, whether every lane has stopped, mean finite loss of the chunk)``: what the host
+    reads after each chunk, as three replicated scalars (padding lanes left out)."""
+
+    def summary(state, losses, n_valid):
+        valid = jnp.arange(losses.shape[0]) < n_valid
+        seen = valid[:, None] & jnp.isfinite(losses)
+        mean = jnp.sum(jnp.where(seen, losses, 0)) / jnp.sum(seen)
+        return (jnp.sum(jnp.where(valid, state.step, 0)), jnp.all(stopped(state) | ~valid),
+                mean)
+
+    return jax.jit(summary, out_shardings=None if placement is None else placement.replicated)
+
+
+def _data_shardings(data, axes, placement: Placement, shared_only: bool = False):
+    """Batched data leaves (data_axes 0) split along the lane axis (``None`` for them when
+    ``shared_only``), shared ones replicated."""
+    split = None if shared_only else placement.rows
+    if axes is None:
+        return jax.tree_util.tree_map(lambda _: placement.replicated, data)
+    if axes == 0:
+        return jax.tree_util.tree_map(lambda _: split, data)
+    return jax.tree_util.tree_map(
+        lambda a, d: jax.tree_util.tree_map(
+            lambda _: placement.replicated if a is None else split, d),
+        axes, data, is_leaf=lambda x: x is None)
+
+
+def _group_data(data, axes, idx: np.ndarray, placement: Placement | None):
+    """The data of lanes ``idx``; on a mesh the batched leaves split along the lane axis
+    (the shared ones are already replicated: :func:`_place_shared`)."""
+    gdata = data if axes is None else _lane_data(data, axes, idx)
+    if placement is None or axes is None:
+        return gdata
+    return place_tree(gdata, _data_shardings(gdata, axes, placement))
+
+
+def _place_shared(data, axes, placement: Placement | None):
+    """``data`` with its shared leaves (data_axes ``None``) replicated over the mesh, once
+    for every group of lanes; the batched leaves as they are."""
+    if placement is None or axes == 0:
+        return data
+    shardings = _data_shardings(data, axes, placement, shared_only=True)
+    return jax.tree_util.tree_map(lambda d, s: d if s is None else place_tree(d, s), data,
+                                  shardings, is_leaf=lambda x: x is None)
+
+
+def _placement_of(mesh) -> Placement | None:
+    """``mesh=`` -> the lanes' :class:`Placement`: a mesh's axis ``"lanes"`` if it has one,
+    else as :func:`vijax.placement.resolve_placement` (``"data"`` or its only axis)."""
+    if isinstance(mesh, jax.sharding.Mesh) and "lanes" in mesh.axis_names:
+        mesh = Placement(mesh, "lanes")
+    return resolve_placement(mesh)
 
 
 class FitManyResult(Sequence):
@@ -206,7 +279,7 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
              chunk_size: int = DEFAULT_CHUNK, dtype: Any = None, estimator: Any = None,
              convergence: Any = "auto", max_consecutive_nonfinite: int = 100,
              progress: bool | None = None, psis_draws: int | None = None,
-             lanes_per_batch: int | None = None) -> FitManyResult:
+             lanes_per_batch: int | None = None, mesh: Any = None) -> FitManyResult:
     """Fit L problems as one vmapped, compiled program (see the module docstring).
 
     Args:
@@ -221,6 +294,18 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
         lanes_per_batch: run at most this many lanes at once (for batches that do not fit in
             device memory); the batches run one after another through the same compiled
             program (the last one padded). ``None``: all lanes at once.
+        mesh: split the lanes over the devices of a ``jax.sharding.Mesh`` (its axis
+            ``"lanes"``, else ``"data"``, else its only axis) or a :class:`vijax.Placement`
+            (a mesh and the axis). Every leaf of the ``(L, ...)`` loop state, the ``(L,)``
+            lane keys and the batched data leaves (data_axes 0, ``(L, ...)``) are split
+            along their leading lane axis over the ``D`` devices of that axis; the shared
+            data leaves (data_axes ``None``), ``init`` and the other mesh axes hold
+            replicas. A lane count (or each batch of ``lanes_per_batch``) that is not a
+            multiple of ``D`` is padded to one with copies of its first lane, dropped from
+            the result. The chunk program runs compiled once, the state keeping its
+            shardings from chunk to chunk; PSIS runs split over the lanes too. The result
+            is brought back to one device and is the same as without a mesh (up to
+            floating-point differences). ``None``: one device.
         guide, steps, optimizer, num_particles, init, average, chunk_size, dtype, estimator,
         convergence, max_consecutive_nonfinite, progress, psis_draws: as in :func:`vijax.fit`
             (``init`` is shared by all lanes), except that ``guide`` defaults to
@@ -249,6 +334,7 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     steps, chunk_size, limit, psis_draws = _check_loop_options(
         model, steps, chunk_size, max_consecutive_nonfinite, psis_draws, average, progress)
     rule = resolve_convergence(convergence)
+    placement = _placement_of(mesh)
     target = model.target
     if target.locals is not None:
         what = (f"local latents ({list(target.locals.names)})" if target.has_locals else
@@ -291,19 +377,27 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     fixed, mask = _fixed_init(target, init, dtype)
     data = jax.tree_util.tree_map(jnp.asarray, data)
     axes_key = _axes_key(data_axes)
-    vstart = _batched(start, axes_key, "start")
-    vrun = _batched(runner, axes_key, "run")
+    vstart = _batched(start, axes_key, "start", placement)
+    vrun = _batched(runner, axes_key, "run", placement)
+    summary = _chunk_summary(placement)
+    run_data = _place_shared(data, data_axes, placement)
+    if placement is not None:
+        fixed, mask = place_tree((fixed, mask), (placement.replicated,) * 2)
 
     group = n_lanes if lanes_per_batch is None else min(lanes_per_batch, n_lanes)
+    width = padded_rows(group, placement)  # lanes per program: a multiple of the devices
     t0 = time.perf_counter()
     outs = []
     with _progress_bar(progress, steps * n_lanes, objective.name) as bar:
         done_before = 0
         for g0 in range(0, n_lanes, group):
-            idx = np.arange(g0, g0 + group)
-            idx = np.where(idx < n_lanes, idx, g0)  # pad the last group with its first lane
-            gdata = data if data_axes is None else _lane_data(data, data_axes, idx)
-            tries, theta0, ok, state, k_loop = vstart(lane_keys[idx], gdata, fixed, mask)
+            n_valid = min(group, n_lanes - g0)
+            idx = np.arange(g0, g0 + width)
+            idx = np.where(idx < g0 + n_valid, idx, g0)  # padding: copies of the first lane
+            gkeys = lane_keys[idx] if placement is None else place_lanes(lane_keys[idx],
+                                                                         placement)
+            gdata = _group_data(run_data, data_axes, idx, placement)
+            tries, theta0, ok, state, k_loop = vstart(gkeys, gdata, fixed, mask)
             # a lane without a finite initial point fails alone: it never runs
             state = state._replace(failed=state.failed | ~ok)
             total = jnp.int32(steps)
@@ -313,12 +407,15 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
             for _ in range(math.ceil(steps / chunk_len)):
                 state, losses = vrun(state, gdata, k_loop, total, avg_start, first_end, lim)
                 chunks.append(losses)
-                bar.update(done_before + int(jnp.sum(state.step[:min(group, n_lanes - g0)])),
-                           losses)
-                if bool(jnp.all(stopped(state))):
+                done, all_stopped, mean = summary(state, losses, jnp.int32(n_valid))
+                bar.update(done_before + int(done), mean)
+                if bool(all_stopped):
                     break
-            done_before += int(jnp.sum(state.step[:min(group, n_lanes - g0)]))
-            keep = slice(0, min(group, n_lanes - g0))
+            done_before += int(done)
+            if placement is not None:  # the lanes back on one device, gathered
+                state, chunks, ok, tries, theta0, k_loop = to_host(
+                    (state, chunks, ok, tries, theta0, k_loop))
+            keep = slice(0, n_valid)
             outs.append(jax.tree_util.tree_map(lambda x, keep=keep: x[keep], (
                 state, np.concatenate([np.asarray(c) for c in chunks], axis=1), ok, tries,
                 theta0, k_loop)))
@@ -340,10 +437,19 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     readings = ["not computed"] * n_lanes
     if psis_draws and not guide_fns.point_mass:
         sampler = program.weighted_sampler(psis_draws)
-        vsample = _batched(sampler, axes_key, "psis")
+        vsample = _batched(sampler, axes_key, "psis", placement)
         psis_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5151))(lane_keys)
         gparams, mparams = target.split_params(params)
-        _, lw = vsample(psis_keys, gparams, data, mparams)
+        if placement is None:
+            _, lw = vsample(psis_keys, gparams, data, mparams)
+        else:  # split over the lanes (padded with copies of lane 0), gathered back
+            idx = np.arange(padded_rows(n_lanes, placement))
+            idx = np.where(idx < n_lanes, idx, 0)
+            pkeys, pparams, pm = place_lanes(_slice((psis_keys, gparams, mparams), idx),
+                                             placement)
+            _, lw = vsample(pkeys, pparams, _group_data(run_data, data_axes, idx, placement),
+                            pm)
+            lw = to_host(lw)[:n_lanes]
         lw = np.asarray(lw, np.float64)
         for i in range(n_lanes):
             row = lw[i]

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 __all__ = ["Placement", "resolve_placement", "place_rows", "place_replicated",
            "place_stream_chunk", "placed_jit", "to_host", "padded_rows", "state_shardings",
-           "place_tree", "jit_placed_outputs"]
+           "place_tree", "jit_placed_outputs", "place_lanes", "jit_lanes"]
 
 
 class Placement(NamedTuple):
@@ -183,7 +183,9 @@ def place_replicated(tree: Any, placement: Placement) -> Any:
         if isinstance(a, jax.Array) and a.sharding == sharding:
             return a
         if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            return jax.device_put(a, sharding)
+            # device_put cannot reach other processes' devices: place the key data
+            data = put(np.asarray(jax.random.key_data(a)))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
         host = np.asarray(a)
         return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
 
@@ -320,3 +322,18 @@ def jit_placed_outputs(fn: Callable, placement: Placement) -> Callable:
         return got(*args)
 
     return call
+
+
+def place_lanes(tree: Any, placement: Placement) -> Any:
+    """Every leaf of ``tree`` (PRNG keys included) split along its leading axis over
+    ``placement`` (``fit_many``'s lanes: keys, batched data); the leading size must be a
+    multiple of ``placement.size``. Each process transfers only its own devices' shards."""
+    return place_tree(tree, jax.tree_util.tree_map(lambda _: placement.rows, tree))
+
+
+def jit_lanes(fn: Callable, placement: Placement) -> Callable:
+    """``jax.jit(fn)`` whose every output is split along its leading axis over ``placement``
+    (``fit_many``'s vmapped programs, whose outputs all lead with the lane axis). A loop
+    state that comes in split so leaves a call with exactly the shardings it came in with:
+    chunk after chunk runs one compiled program and nothing is resharded between chunks."""
+    return jax.jit(fn, out_shardings=placement.rows)

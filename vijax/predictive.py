@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vijax.placement import padded_rows, place_replicated, place_tree, resolve_placement, to_host
 from vijax.result import FitResult
 
 __all__ = ["predictive"]
@@ -120,7 +121,8 @@ def _output_shapes(res: FitResult, fn: Callable, key: jax.Array, with_key: bool)
 
 
 def predictive(res: FitResult, fn: Callable, key: jax.Array, n: int, *,
-               batch_size: int | None = None, with_key: bool = False) -> Any:
+               batch_size: int | None = None, with_key: bool = False,
+               mesh: Any = None) -> Any:
     """Map ``n`` posterior draws ``z_s ~ q`` through ``fn``, ``batch_size`` draws at a time.
 
     Computes ``[fn(z_1), ..., fn(z_n)]`` stacked along a new leading axis: derived quantities
@@ -152,6 +154,10 @@ def predictive(res: FitResult, fn: Callable, key: jax.Array, n: int, *,
             one chunk's output stays under 256 MiB.
         with_key: call ``fn(key, z)`` with a fresh key per draw (for simulating data). These
             keys come from a stream separate from the draws' keys.
+        mesh: split each chunk's draws over the devices of a ``jax.sharding.Mesh`` (its
+            ``"data"`` axis or its only axis) or a :class:`vijax.Placement`: every device maps
+            ``batch_size / devices`` draws (the chunk is rounded up to a multiple of the
+            devices); the same draws and outputs as on one device, gathered at the end.
 
     Returns:
         ``fn``'s output pytree with every leaf of shape ``(n, *leaf_shape)``.
@@ -188,26 +194,36 @@ def predictive(res: FitResult, fn: Callable, key: jax.Array, n: int, *,
         batch_size = _check_count("batch_size", batch_size)
     if not isinstance(with_key, bool):
         raise TypeError(f"with_key must be True or False, got {with_key!r}")
+    placement = resolve_placement(mesh)
 
     out_shapes = _output_shapes(res, fn, key, with_key)
     if batch_size is None:
         per_draw = sum(math.prod(s.shape) * s.dtype.itemsize
                        for s in jax.tree_util.tree_leaves(out_shapes))
         batch_size = max(1, min(DEFAULT_BATCH_SIZE, _CHUNK_BYTES // max(per_draw, 1)))
-    chunk = min(batch_size, n)
+    chunk = padded_rows(min(batch_size, n), placement)
 
     keys = jax.random.split(key, n)  # as in FitResult.sample
     fn_keys = jax.random.split(jax.random.fold_in(key, _FN_STREAM), n) if with_key else keys
     run = _chunk_fn(res.target, res.guide, fn, with_key)
+    params, mparams = res.params, res.mparams
+    if placement is not None:
+        params, mparams = place_replicated((params, mparams), placement)
+
+    def call(k, fk):
+        if placement is None:
+            return run(k, fk, params, mparams)
+        k, fk = place_tree((k, fk), (placement.rows, placement.rows))
+        return to_host(run(k, fk, params, mparams))  # each device mapped its share
+
     outs = []
     for start in range(0, n, chunk):
         stop = min(chunk, n - start)
         if stop == chunk:
-            out = run(keys[start:start + chunk], fn_keys[start:start + chunk], res.params,
-                      res.mparams)
+            out = call(keys[start:start + chunk], fn_keys[start:start + chunk])
         else:  # the last chunk repeats the final key up to the chunk size: one compiled shape
             idx = np.minimum(np.arange(start, start + chunk), n - 1)
-            out = run(keys[idx], fn_keys[idx], res.params, res.mparams)
+            out = call(keys[idx], fn_keys[idx])
             out = jax.tree_util.tree_map(lambda x, stop=stop: x[:stop], out)
         outs.append(out)
     if len(outs) == 1:

@@ -155,14 +155,43 @@ def save(res: FitResult, path: str | os.PathLike) -> None:
     (``model``, ``optimizer=``, ``guide=``). A fit with local latents stores its guide spec
     with one data row's structure (dicts with string keys, tuples, lists and arrays).
 
+    Across processes (``jax.distributed``, :mod:`vijax.launch`), every process calls
+    ``save`` with the same result and path (a result holds the same values in every
+    process); process 0 alone writes the file, and ``save`` returns in every process once
+    the file is complete (a barrier: any process may read it next). If process 0 fails to
+    write, it raises its error and the other processes raise ``OSError``.
+
     Raises:
         ValueError: the guide spec, estimator or diagnostics hold something other than JSON
             values and vijax configuration classes (e.g. a wake-sleep estimator's sampler, or
             a data row that is a NamedTuple or custom pytree), or a pytree leaf is not an
             array.
+        OSError: in a process other than 0, when process 0 could not write the file.
 
     Example:
         >>> res.save("fit.vjx")  # doctest: +SKIP
     """
     manifest, arrays = _pack(res)  # everything is checked before the disk is touched
-    write_archive(path, manifest, arrays)
+    if jax.process_count() == 1:
+        write_archive(path, manifest, arrays)
+        return
+    _write_in_process_zero(path, manifest, arrays)
+
+
+def _write_in_process_zero(path, manifest: dict, arrays: list) -> None:
+    """Process 0 writes; then every process learns whether it did (``process_allgather``
+    of a flag: a collective, so also the barrier after which the file is complete)."""
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            write_archive(path, manifest, arrays)
+        except Exception as e:  # reported to the others, then raised here
+            error = e
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(error is None)))
+    if error is not None:
+        raise error
+    if not bool(flags.reshape(-1)[0]):
+        raise OSError(f"process 0 could not write the checkpoint {os.fspath(path)!r} (its "
+                      "own error says why)")

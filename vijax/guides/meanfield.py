@@ -67,7 +67,7 @@ class MeanField:
 
         def entropy(params):
             scale = softplus(params["raw_scale"])
-            return jnp.sum(jnp.log(scale)) + dim * _HALF_LOG_2PI_E.astype(scale.dtype)
+            return jnp.sum(jnp.log(scale)) + dim * jnp.asarray(_HALF_LOG_2PI_E, scale.dtype)
 
         return make_guide("meanfield", dim, dim, init, transform, log_q, entropy,
                           lambda p: p["loc"])
