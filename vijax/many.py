@@ -131,9 +131,14 @@ def _lane_data(data, axes, i):
 
 
 @functools.lru_cache(maxsize=64)
-def _batched(pipeline_fn, axes_key, kind: str, placement: Placement | None = None):
-    """``pipeline_fn`` vmapped over lanes and jitted; with a ``placement`` every output is
-    split along the lane axis (:func:`vijax.placement.jit_lanes`)."""
+def _batched(pipeline_fn, axes_key, kind: str, placement: Placement | None = None,
+             key_impl: str | None = None):
+    """``pipeline_fn`` vmapped over lanes and jitted. With a ``placement`` every output is
+    split along the lane axis (:func:`vijax.placement.jit_lanes`), and the loop keys leave
+    ``start`` and enter ``run`` as their key data (``key_impl`` names the PRNG): a typed key
+    array's buffer comes out of a compiling call split as ``P(axis, None)`` and out of later
+    calls as ``P(axis)``, which would give the chunk program a second dispatch entry on a
+    refit (JAX 0.10); a plain uint32 array keeps the one sharding it is given."""
     leaves, treedef = axes_key
     axes = jax.tree_util.tree_unflatten(treedef, leaves)
     if kind == "start":
@@ -142,7 +147,18 @@ def _batched(pipeline_fn, axes_key, kind: str, placement: Placement | None = Non
         fn = jax.vmap(pipeline_fn, in_axes=(0, axes, 0, None, None, None, None))
     else:  # PSIS log weights: (keys, params, data, model params)
         fn = jax.vmap(pipeline_fn, in_axes=(0, 0, axes, 0))
-    return jax.jit(fn) if placement is None else jit_lanes(fn, placement)
+    if placement is None:
+        return jax.jit(fn)
+    if kind == "start":
+        def lanes_fn(*args):
+            *out, k_loop = fn(*args)
+            return (*out, jax.random.key_data(k_loop))
+    elif kind == "run":
+        def lanes_fn(state, data, k_loop, *args):
+            return fn(state, data, jax.random.wrap_key_data(k_loop, impl=key_impl), *args)
+    else:
+        lanes_fn = fn
+    return jit_lanes(lanes_fn, placement)
 
 
 @functools.lru_cache(maxsize=16)
@@ -324,8 +340,9 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
         >>> import jax, numpyro.distributions as dist, vijax as vj
         >>> m = vj.Model(lambda z, d: dist.Normal(d["mu"], 1.0).log_prob(z["x"]),
         ...              {"x": vj.Latent()})
+        >>> mesh = jax.make_mesh((len(jax.devices()),), ("lanes",))  # optional: split lanes
         >>> res = vj.fit_many(m, {"mu": jax.numpy.arange(4.0)}, data_axes=0, steps=300,
-        ...                   progress=False)
+        ...                   progress=False, mesh=mesh)
         >>> len(res), res[3].diagnostics.n_steps <= 300
         (4, True)
     """
@@ -377,8 +394,9 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     fixed, mask = _fixed_init(target, init, dtype)
     data = jax.tree_util.tree_map(jnp.asarray, data)
     axes_key = _axes_key(data_axes)
-    vstart = _batched(start, axes_key, "start", placement)
-    vrun = _batched(runner, axes_key, "run", placement)
+    key_impl = None if placement is None else jax.random.key_impl(lane_keys)
+    vstart = _batched(start, axes_key, "start", placement, key_impl)
+    vrun = _batched(runner, axes_key, "run", placement, key_impl)
     summary = _chunk_summary(placement)
     run_data = _place_shared(data, data_axes, placement)
     if placement is not None:
@@ -415,6 +433,7 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
             if placement is not None:  # the lanes back on one device, gathered
                 state, chunks, ok, tries, theta0, k_loop = to_host(
                     (state, chunks, ok, tries, theta0, k_loop))
+                k_loop = jax.random.wrap_key_data(k_loop, impl=key_impl)
             keep = slice(0, n_valid)
             outs.append(jax.tree_util.tree_map(lambda x, keep=keep: x[keep], (
                 state, np.concatenate([np.asarray(c) for c in chunks], axis=1), ok, tries,
