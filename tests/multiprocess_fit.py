@@ -6,8 +6,9 @@ Each process fits, on a mesh of all the processes' devices, a logistic regressio
 device-resident minibatches and the same with a stream (numpy data), with the stopping rule
 on; writes what it read back (parameters, losses, steps, the stopping decision) to
 ``OUT/fits_{process}.npz``; saves the minibatch fit to ``OUT/minibatch.vjx`` in every
-process (only process 0 may write it: the calls of the archive writer are counted) and
-loads it back after ``save`` returns.
+process (only process 0 may write it: the calls of the archive writer are counted), loads
+it back after ``save`` returns and resumes the fit from it (:func:`resumed`); then saves it
+where process 0 cannot write (every process must raise).
 
 ``... tests/multiprocess_fit.py OUT bench STEPS`` instead times a minibatch fit chunk by
 chunk (:func:`bench`) and writes ``OUT/bench_{process}.json``.
@@ -55,10 +56,20 @@ def fits(mesh) -> dict:
 
     model, data = problem()
     kw = dict(guide="meanfield", steps=3000, chunk_size=CHUNK, batch_size=BATCH,
-              precondition=None, progress=False, psis_draws=0, mesh=mesh,
+              precondition=None, progress=False, psis_draws=200, mesh=mesh,
               convergence=vj.Convergence(window=100, patience=2))
     return {"minibatch": vj.fit(model, data, key=jax.random.key(1), **kw),
             "stream": vj.fit(model, data, key=jax.random.key(2), stream=True, **kw)}
+
+
+def resumed(res, mesh):
+    """``res`` (a minibatch fit of :func:`fits`, or its checkpoint) continued for 200 steps
+    on ``mesh``, without the stopping rule."""
+    import vijax as vj
+
+    model, data = problem()
+    return vj.fit(model, data, resume=res, steps=200, chunk_size=CHUNK, progress=False,
+                  psis_draws=0, convergence=None, mesh=mesh)
 
 
 def summary(res) -> dict:
@@ -68,7 +79,8 @@ def summary(res) -> dict:
     out = {f"param{i}": np.asarray(x)
            for i, x in enumerate(jax.tree_util.tree_leaves(res.params))}
     out.update(losses=np.asarray(res.losses), n_steps=res.diagnostics.n_steps,
-               converged=res.diagnostics.converged, stop_reason=res.diagnostics.stop_reason)
+               converged=res.diagnostics.converged, stop_reason=res.diagnostics.stop_reason,
+               k_hat=res.diagnostics.k_hat)
     return out
 
 
@@ -93,21 +105,28 @@ def _run(out: str) -> None:
     results = fits(mesh)
     path = os.path.join(out, "minibatch.vjx")
     results["minibatch"].save(path)
+    wrote = writes[0]
     loaded = vj.load(path, problem()[0])  # after save returned, in every process
     same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
         jax.tree_util.tree_leaves(loaded.params),
         jax.tree_util.tree_leaves(results["minibatch"].params), strict=True))
+    results["resumed"] = resumed(loaded, mesh)  # every process continues from the file
+    try:  # process 0 cannot write here: every process raises
+        results["minibatch"].save(os.path.join(out, "no-such-directory", "fit.vjx"))
+        failed = "no error"
+    except OSError as e:
+        failed = f"{type(e).__name__}: {e}"
     record = {f"{name}_{k}": v for name, res in results.items()
               for k, v in summary(res).items()}
     record.update(process=info.process_id, processes=info.num_processes,
                   global_devices=jax.device_count(), local_devices=jax.local_device_count(),
-                  archive_writes=writes[0], loaded_equal=same)
+                  archive_writes=wrote, loaded_equal=same, failed_save=failed)
     np.savez(os.path.join(out, f"fits_{info.process_id}.npz"), **record)
     print(f"process {info.process_id} of {info.num_processes}: "
           f"{jax.local_device_count()} of {jax.device_count()} devices; minibatch fit "
           f"{results['minibatch'].diagnostics.n_steps} steps "
           f"({results['minibatch'].diagnostics.stop_reason}), stream fit "
-          f"{results['stream'].diagnostics.n_steps} steps; archive writes {writes[0]}")
+          f"{results['stream'].diagnostics.n_steps} steps; archive writes {wrote}")
 
 
 def bench(mesh, steps: int, n: int = 10_000, d: int = 20, batch: int = 256,

@@ -116,7 +116,7 @@ def initialize(local_device_ids: Sequence[int] | None = None) -> ProcessInfo:
     if ENV_DEVICES_PER_PROCESS in os.environ:
         k = _env_int(ENV_DEVICES_PER_PROCESS, 1)
         if jax.config.jax_num_cpu_devices != k:
-            _before_backend("VIJAX_DEVICES_PER_PROCESS (jax_num_cpu_devices)")
+            _before_backend(f"it sets jax_num_cpu_devices={k} ({ENV_DEVICES_PER_PROCESS})")
             jax.config.update("jax_num_cpu_devices", k)
     if ENV_PROCESS_ID not in os.environ:
         return ProcessInfo(jax.process_index(), jax.process_count(), None) \
@@ -133,20 +133,20 @@ def initialize(local_device_ids: Sequence[int] | None = None) -> ProcessInfo:
     info = ProcessInfo(pid, n, coordinator)
     if jax.distributed.is_initialized():
         return info
-    _before_backend("vijax.launch.initialize()")
+    _before_backend("it calls jax.distributed.initialize")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=n, process_id=pid,
                                local_device_ids=local_device_ids)
     return info
 
 
-def _before_backend(what: str) -> None:
-    from jax._src import xla_bridge
+def _before_backend(why: str) -> None:
+    from jax._src import xla_bridge  # no public way to ask (jax 0.10)
 
-    if xla_bridge.backends_are_initialized():
-        raise RuntimeError(f"{what} must come before JAX starts its backend (a computation, "
-                           "jax.devices(), jax.process_count()): call it at the top of the "
-                           "script")
+    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+        raise RuntimeError("vijax.launch.initialize() must be called before JAX starts its "
+                           "backend (a computation, jax.devices(), jax.process_count()): "
+                           f"{why}; call it at the top of the script")
 
 
 # ---------------------------------------------------------------------------------------------
