@@ -17,7 +17,7 @@ LAYERS = (
                      "vijax.estimators", "vijax.convergence", "vijax.datasets", "vijax.data",
                      "vijax.stream", "vijax.nets", "vijax.locals", "vijax.nn.priors",
                      "vijax.nn.value", "vijax.memory_maps", "vijax.launch",
-                     "vijax.placement", "vijax.memory")),
+                     "vijax.placement")),
     # Bayesian layers are declared in models beside latents (vijax.model reads them)
     ("model", ("vijax.nn.layers", "vijax.model", "vijax.net_params")),
     # CAVI for the Gaussian mixture: its own conjugate updates; gmm_model builds a vj.Model
@@ -40,7 +40,7 @@ LAYERS = (
     ("result", ("vijax.result",)),
     ("checks", ("vijax.checks",)),
     ("start", ("vijax.start", "vijax.feeding")),
-    ("program", ("vijax.program",)),
+    ("program", ("vijax.program", "vijax.memory")),
     ("trust", ("vijax.trust", "vijax.local_weights")),
     ("driver", ("vijax.driver", "vijax.driver_local")),
     ("stages", ("vijax.stages",)),

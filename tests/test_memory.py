@@ -104,10 +104,10 @@ def test_data_and_batch_split_over_a_mesh():
     placement = _mesh4()
     one = _estimate(_program(feed=Feed(Minibatch(64))))
     four = _estimate(_program(feed=Feed(Minibatch(64)), placement=placement))
-    # padded to 1004 rows, 251 on each device; the batch gathered from the split rows is
-    # assembled whole on every device and all-reduced: two batches of 64 rows (vijax.memory)
+    # padded to 1004 rows, 251 on each device; each device picks its own rows of the batch
+    # into a whole batch, reduce-scattered into its 16 rows (vijax.memory)
     assert four.data == 251 * ROW and one.data == N * ROW
-    assert four.batch == 2 * 64 * ROW and one.batch == 64 * ROW
+    assert four.batch == (64 + 16) * ROW and one.batch == 64 * ROW
     assert four.state == one.state  # replicated
     assert four.devices == 4 and four.device == "cpu:0"
     # the full data over 4 devices: 1000 rows (a full-data mesh fit needs N divisible)

@@ -29,6 +29,7 @@ from vijax.feeding import (
     _psis_default,
 )
 from vijax.loop import FitState, init_state, stopped
+from vijax.memory import check_fit_memory, estimate_fit_memory
 from vijax.model import Model
 from vijax.optim import default_optimizer
 from vijax.placement import (
@@ -113,7 +114,8 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
     chunk_len = min(chunk_size, steps)
     _check_log_joint(model, target, data if host is None else host.batch_shapes(
         feed.minibatch.batch_size), dtype)
-    placed = None if placement is None else _placed_data(model, data, host, feed, placement)
+    if placement is not None:
+        _placed_data(model, data, host, feed, placement, place=False)
     if (feed is not None and feed.minibatch is not None) or placement is not None:
         _check_batch_axis(model, target, data if host is None else host.batch_shapes(
             feed.minibatch.batch_size), dtype)
@@ -129,11 +131,14 @@ def fit_single(model: Model, data: Any, spec, *, steps: int, optimizer, key: Any
     guide_fns, objective, runner, start, restart = (
         program.guide, program.objective, program.run_chunk, program.start, program.restart)
     key = _check_key(key)
-    if host is None:
-        data = jax.tree_util.tree_map(jnp.asarray, data)
-    else:  # the initial point and the checks use the first batch
+    # device memory, before anything is compiled or placed (vijax.memory)
+    check_fit_memory(estimate_fit_memory(program, data, key=key, dtype=dtype, host=host))
+    placed = None if placement is None else _placed_data(model, data, host, feed, placement)
+    if host is not None:  # the initial point and the checks use the first batch
         data = jax.tree_util.tree_map(jnp.asarray,
                                       host.gather(np.arange(feed.minibatch.batch_size)))
+    elif placement is None:  # (on a mesh the data go to the devices only split by rows)
+        data = jax.tree_util.tree_map(jnp.asarray, data)
     run_data = data if placed is None else placed
     if placement is not None and host is not None:  # the first batch, for the start
         run_data = place_rows(data, placement)

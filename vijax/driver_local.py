@@ -28,6 +28,7 @@ from vijax.feeding import _data_feed, _placed_data
 from vijax.guides.amortized import LocalTable
 from vijax.guides.local import LocalSpec, example_row, resolve_local_spec, row_signature
 from vijax.local_weights import row_check
+from vijax.memory import check_fit_memory, estimate_fit_memory
 from vijax.model import Model
 from vijax.optim import local_default_optimizer
 from vijax.placement import Placement, place_replicated, place_rows, to_host
@@ -143,10 +144,8 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
                              f"{placement.size} devices of mesh axis {placement.axis!r}: N = "
                              f"{n_obs} rows do not split evenly; use a mesh axis whose size "
                              "divides N, or vj.guides.Amortized")
-        placed = _placed_data(model, data, host, feed if feed.minibatch is not None else None,
-                              placement)
-        if placed is None:  # a stream: the start sees the first batch
-            placed = place_rows(probe, placement)
+        _placed_data(model, data, host, feed if feed.minibatch is not None else None,
+                     placement, place=False)
     if num_particles is None:  # a sampled local discrete latent: K draws for its baseline
         sampled = any(target.locals.block(n).discrete and getattr(s, "enumerate", None)
                       is False for n, s in spec.factors)
@@ -166,7 +165,14 @@ def fit_local(model: Model, data: Any, guide: Any, resolve_global, *, steps: int
     guide_fns, objective, runner, start = (program.guide, program.objective,
                                            program.run_chunk, program.start)
     key = _check_key(key)
-    if host is None:
+    # device memory, before anything is compiled or placed (vijax.memory)
+    check_fit_memory(estimate_fit_memory(program, data, key=key, dtype=dtype, host=host))
+    if placement is not None:
+        placed = _placed_data(model, data, host, feed if feed.minibatch is not None else None,
+                              placement)
+        if placed is None:  # a stream: the start sees the first batch
+            placed = place_rows(probe, placement)
+    elif host is None:  # (on a mesh the data go to the devices only split by rows)
         data = jax.tree_util.tree_map(jnp.asarray, data)
     t0 = time.perf_counter()
     if resume is not None:

@@ -118,14 +118,15 @@ def _epochs(feed: Feed | None, n_obs) -> float | None:
     return n_obs / feed.minibatch.batch_size
 
 
-def _placed_data(model, data, host, feed: Feed | None, placement: Placement):
+def _placed_data(model, data, host, feed: Feed | None, placement: Placement,
+                 place: bool = True):
     """The device data of a fit on a mesh, split by rows over the placement's axis (``None``
     for a stream, whose batches are placed chunk by chunk: :func:`_next_chunk`).
 
     Minibatches need ``batch_size`` divisible by the number of shards (each device computes
     the likelihood of an equal share of every batch); their data are padded to a multiple of
     it (padding rows are never drawn). Full-data fits need N divisible by it: every row
-    enters every step, so padding would change the density."""
+    enters every step, so padding would change the density. ``place=False`` only checks."""
     axis, d = placement.axis, placement.size
     if not model.factorised:
         raise ValueError(f"mesh= splits the data's rows over mesh axis {axis!r}: the model was "
@@ -143,6 +144,8 @@ def _placed_data(model, data, host, feed: Feed | None, placement: Placement):
                          f"at every step: give batch_size= (a multiple of {d}; the data are "
                          f"then padded to {padded_rows(n, placement)} rows that are never "
                          "drawn) or a mesh axis whose size divides N")
+    if not place:
+        return None
     return place_rows(data, placement, padded_rows(n, placement) if mb is not None else None)
 
 

@@ -82,7 +82,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype, rows_needed=False,
-           constrain=None):
+           take_rows=None):
     """The step's data (with its row indices, ``(batch, rows)``, when ``rows_needed``), the
     objective's ``(scale, kl_weight)`` and the next data position."""
     mb = feed.minibatch
@@ -98,9 +98,8 @@ def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype, rows_needed=
         pos = advance(mb, pos, n)
     else:
         rows = device_indices(mb, pos, feed_args["seed"], n)
-        batch = take(data, rows)
-        if constrain is not None:  # the compile step's placement: the batch split by rows
-            batch = constrain(batch)
+        # the compile step's placement may take the rows where they live
+        batch = take(data, rows) if take_rows is None else take_rows(data, rows)
         scale = n.astype(dtype) / mb.batch_size
         pos = advance(mb, pos, n)
     kl = kl_weight_at(feed.kl, state.step, state.data_pos, mb, n, dtype)
@@ -109,7 +108,7 @@ def _batch(feed: Feed, data, feed_args, xs, state: FitState, dtype, rows_needed=
 
 def _step(objective, optimizer, rule, data, step_key, total_steps, avg_start, first_chunk_end,
           max_consecutive, state: FitState, feed: Feed | None = None, feed_args=None, xs=None,
-          constrain=None):
+          take_rows=None):
     active = (state.step < total_steps) & ~stopped(state)
     if feed is None:  # the whole data every step, unweighted
         (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1,
@@ -119,7 +118,7 @@ def _step(objective, optimizer, rule, data, step_key, total_steps, avg_start, fi
     else:
         dtype = jax.tree_util.tree_leaves(state.params)[0].dtype
         batch, weights, data_pos = _batch(feed, data, feed_args, xs, state, dtype,
-                                          objective.needs_rows, constrain)
+                                          objective.needs_rows, take_rows)
         (loss, est_state), grads = jax.value_and_grad(objective.loss, argnums=1,
                                                       has_aux=True)(
             step_key, state.params, batch, state.est_state, weights)
@@ -181,8 +180,9 @@ def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformat
 
     With a ``placement`` (:mod:`vijax.placement`, chosen by the compile step), the program
     is compiled for arrays on its mesh: the state leaves a call with the shardings it came
-    in with (one program for every chunk), and a minibatch gathered from data split by rows
-    is split by rows too (each device computes the likelihood of its share of the batch).
+    in with (one program for every chunk), and a minibatch of data split by rows is taken
+    where the rows live and split by rows too (:meth:`vijax.placement.Placement.take_rows`:
+    each device computes the likelihood of its share of the batch).
     """
     streamed = feed is not None and feed.minibatch is not None and feed.minibatch.streamed
     groups = -(-chunk_len // _GROUP)
@@ -199,7 +199,7 @@ def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformat
                                                            keepdims=False), feed_args["xs"])
             return _step(objective, optimizer, rule, data, step_key, last, avg_start,
                          first_chunk_end, max_consecutive, state, feed, feed_args, batch,
-                         constrain)
+                         take_rows)
 
         # the chunk's active steps are its first ones (an inactive step stays inactive), so
         # step i of the chunk is global step state.step + i: its key is computed up front;
@@ -216,7 +216,7 @@ def make_chunk_runner(objective: Objective, optimizer: optax.GradientTransformat
             state = state._replace(conv=leave_chunk(state.conv, rule))
         return state, losses.reshape(-1)[:chunk_len]
 
-    constrain = None if placement is None else placement.constrain_rows
+    take_rows = None if placement is None else placement.take_rows
     donate = (0,) if jax.default_backend() != "cpu" else ()
     if placement is not None:
         return placed_jit(run, placement, 2, donate)

@@ -40,6 +40,7 @@ from vijax.driver import _final_loss, _progress_bar
 from vijax.estimators import resolve_estimator
 from vijax.guides.resolve import resolve_spec
 from vijax.loop import stopped
+from vijax.memory import check_fit_memory, estimate_fit_memory
 from vijax.model import Model
 from vijax.optim import default_optimizer
 from vijax.placement import (
@@ -392,7 +393,14 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     guide_fns, objective, runner, start = (program.guide, program.objective,
                                            program.run_chunk, program.start)
     fixed, mask = _fixed_init(target, init, dtype)
-    data = jax.tree_util.tree_map(jnp.asarray, data)
+    group = n_lanes if lanes_per_batch is None else min(lanes_per_batch, n_lanes)
+    width = padded_rows(group, placement)  # lanes per program: a multiple of the devices
+    # device memory, before anything is compiled or placed (vijax.memory)
+    check_fit_memory(estimate_fit_memory(
+        program, data, key=lane_keys[0], dtype=dtype, lanes=width, lanes_total=n_lanes,
+        data_axes=data_axes, placement=placement), what="vj.fit_many")
+    if placement is None:  # (on a mesh the data go to the devices only split by lanes)
+        data = jax.tree_util.tree_map(jnp.asarray, data)
     axes_key = _axes_key(data_axes)
     key_impl = None if placement is None else jax.random.key_impl(lane_keys)
     vstart = _batched(start, axes_key, "start", placement, key_impl)
@@ -402,8 +410,6 @@ def fit_many(model: Model, data: Any = None, *, keys: Any = None, data_axes: Any
     if placement is not None:
         fixed, mask = place_tree((fixed, mask), (placement.replicated,) * 2)
 
-    group = n_lanes if lanes_per_batch is None else min(lanes_per_batch, n_lanes)
-    width = padded_rows(group, placement)  # lanes per program: a multiple of the devices
     t0 = time.perf_counter()
     outs = []
     with _progress_bar(progress, steps * n_lanes, objective.name) as bar:

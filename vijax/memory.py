@@ -12,10 +12,10 @@ clear error when it cannot fit, instead of an allocation failure deep inside XLA
   stream (the data stay in host memory).
 * ``batch``: one step's minibatch: ``B`` rows on one device, ``B / devices`` of a stream split
   over a mesh; ``0`` for full-data fits (the step reads the data themselves). A minibatch
-  gathered from device-resident data split over a mesh counts ``2 B`` rows per device: XLA's
-  partitioner (jax 0.10) gathers each device's own rows into a whole batch, the other rows
-  zero, and all-reduces it, before the batch is split (seen in the compiled HLO; its
-  ``memory_analysis`` agrees within 2%). ``fit_many``: the lanes' gathered data.
+  taken from device-resident data split over a mesh counts ``B + B / devices`` rows per
+  device: each device picks the batch's rows it holds into a whole batch (the other rows
+  zero), and one reduce-scatter leaves it its share
+  (:meth:`vijax.placement.Placement.take_rows`). ``fit_many``: the lanes' gathered data.
 * ``activations``: the intermediate values of the compiled chunk (see below).
 * ``streamed``: a stream's two chunks of batches on device (the one running and the next,
   shipped while it runs: ``2 * chunk_len * B / devices`` rows).
@@ -437,10 +437,9 @@ def estimate_fit_memory(program, data: Any, *, key: Any, fixed: Any = None, mask
         in_program = row * (mb.batch_size // d) if mb is not None else 0
         batch_bytes = in_program
         if mb is not None and host is None and split is not None:
-            # rows gathered from data split by rows: XLA's partitioner gathers each
-            # device's own rows into a whole batch (the others zero) and all-reduces it,
-            # two whole batches on every device before the batch is split
-            batch_bytes = 2 * row * mb.batch_size
+            # rows taken from data split by rows: each device picks its own rows into a
+            # whole batch (the others zero), reduce-scattered into its share
+            batch_bytes = row * (mb.batch_size + mb.batch_size // d)
         streamed = 2 * problem.chunk_len * row * (mb.batch_size // d) if host is not None else 0
     acts = max(acts - in_program, 0)
 

@@ -3,8 +3,8 @@ axis that the data's rows (or ``fit_many``'s lanes) are split over.
 
 Placement is decided in two places only (``DESIGN.md``): where data is put on devices
 (:func:`place_rows`, :func:`place_replicated`, :func:`place_stream_chunk`) and where programs
-are compiled (:func:`placed_jit`, and the row constraint the compile step hands the loop,
-:meth:`Placement.constrain_rows`). The target, guides, objective and loop body never mention
+are compiled (:func:`placed_jit`, and the minibatch gather the compile step hands the loop,
+:meth:`Placement.take_rows`). The target, guides, objective and loop body never mention
 a mesh: XLA's SPMD partitioner splits the compiled program (GSPMD), so a sharded fit computes
 what the single-device fit computes, with sums over rows reduced across devices.
 
@@ -64,13 +64,34 @@ class Placement(NamedTuple):
         """The sharding of an array held whole on every device of the mesh."""
         return NamedSharding(self.mesh, P())
 
-    def constrain_rows(self, tree: Any) -> Any:
-        """Inside a compiled program: split every leaf of ``tree`` along its leading axis (a
-        minibatch gathered from sharded data is then spread over the devices, each
-        computing the likelihood of its own rows)."""
-        return jax.tree_util.tree_map(
-            lambda a: jax.lax.with_sharding_constraint(a, self.rows) if np.ndim(a) else a,
-            tree)
+    def take_rows(self, data: Any, rows: jax.Array) -> Any:
+        """Inside a compiled program: rows ``rows (B,)`` (global indices, the same on every
+        device) of data split by rows, returned split by rows (each device gets ``B /
+        devices`` of them). Each device picks the requested rows it holds, zeros elsewhere,
+        and one reduce-scatter sums the pieces into each device's share: exactly the rows
+        a single device's ``take`` gives, with one collective of the batch's size."""
+        axis = self.axis
+
+        def local(block, rows):
+            n_local = jax.tree_util.tree_leaves(block)[0].shape[0]
+            at = rows - jax.lax.axis_index(axis) * n_local
+            mine = (at >= 0) & (at < n_local)
+            at = jnp.where(mine, at, 0)
+
+            def one(a):
+                got = jnp.take(a, at, axis=0)
+                kind = got.dtype
+                if kind == jnp.bool_:
+                    got = got.astype(jnp.int32)
+                got = jnp.where(mine.reshape((-1,) + (1,) * (got.ndim - 1)), got,
+                                jnp.zeros_like(got))
+                got = jax.lax.psum_scatter(got, axis, scatter_dimension=0, tiled=True)
+                return got.astype(kind)
+
+            return jax.tree_util.tree_map(one, block)
+
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(P(axis), P()),
+                             out_specs=P(axis))(data, rows)
 
     def describe(self) -> str:
         shape = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
