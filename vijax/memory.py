@@ -472,7 +472,7 @@ def _activations(program, state, data, loop_key, host, devices: int) -> int:
     """Peak live bytes of the chunk program (:func:`peak_live_bytes`), traced at one
     device's share of the rows."""
     problem = program.problem
-    if devices > 1 and problem.placement is not None:
+    if problem.placement is not None:
         # what one device runs: the unplaced program at its share of the rows and the batch
         feed = problem.feed
         if feed is not None and feed.minibatch is not None:
