@@ -12,6 +12,7 @@ from vijax.fit import fit
 from vijax.io import load
 from vijax.local_result import importance_log_likelihood, local_posterior
 from vijax.many import FitManyResult, fit_many
+from vijax.memory import DeviceMemoryError
 from vijax.model import Latent, Model, ModelWarning, Param, model
 from vijax.net_params import NetParam, net_param
 from vijax.numpyro_adapter import from_numpyro
@@ -25,9 +26,8 @@ from vijax.trust import NonFiniteError
 from vijax.version import __version__
 
 __all__ = [
-    "Latent", "Param", "Model", "model", "from_numpyro", "fit", "Placement", "FitResult",
-    "Diagnostics",
-    "Summary",
+    "Latent", "Param", "Model", "model", "from_numpyro", "fit", "FitResult", "Diagnostics",
+    "Summary", "Placement", "DeviceMemoryError",
     "guides", "estimators", "datasets", "default_optimizer", "prepare_data", "psis", "PSISResult",
     "load", "predictive", "Convergence", "ConvergenceWarning", "Precondition", "NonFiniteError",
     "fit_many", "FitManyResult", "nets", "nn", "metrics", "gp", "importance_log_likelihood",
