@@ -17,7 +17,7 @@ LAYERS = (
                      "vijax.estimators", "vijax.convergence", "vijax.datasets", "vijax.data",
                      "vijax.stream", "vijax.nets", "vijax.locals", "vijax.nn.priors",
                      "vijax.nn.value", "vijax.memory_maps", "vijax.launch",
-                     "vijax.placement")),
+                     "vijax.placement", "vijax.device_memory")),
     # Bayesian layers are declared in models beside latents (vijax.model reads them)
     ("model", ("vijax.nn.layers", "vijax.model", "vijax.net_params")),
     # CAVI for the Gaussian mixture: its own conjugate updates; gmm_model builds a vj.Model
