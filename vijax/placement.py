@@ -151,15 +151,6 @@ def padded_rows(n: int, placement: Placement | None) -> int:
     return -(-n // d) * d
 
 
-def _pad(a: np.ndarray, rows: int) -> Any:
-    """``a`` with its leading axis extended to ``rows`` by repeating its first row (the
-    padding rows are never drawn: they only make the shards equal)."""
-    extra = rows - a.shape[0]
-    if extra == 0:
-        return a
-    return np.concatenate([a, np.repeat(a[:1], extra, axis=0)], axis=0)
-
-
 def place_rows(data: Any, placement: Placement, rows: int | None = None) -> Any:
     """Every leaf of ``data`` (numpy, memory maps or jax arrays, leading axis the rows) as a
     global array split by rows over ``placement``; padded to ``rows`` rows first (by
@@ -198,19 +189,7 @@ def place_rows(data: Any, placement: Placement, rows: int | None = None) -> Any:
 
 def place_replicated(tree: Any, placement: Placement) -> Any:
     """Every leaf of ``tree`` held whole on every device of the mesh (parameters, keys)."""
-    sharding = placement.replicated
-
-    def put(a):
-        if isinstance(a, jax.Array) and a.sharding == sharding:
-            return a
-        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            # device_put cannot reach other processes' devices: place the key data
-            data = put(np.asarray(jax.random.key_data(a)))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
-        host = np.asarray(a)
-        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
-
-    return jax.tree_util.tree_map(put, tree)
+    return place_tree(tree, jax.tree_util.tree_map(lambda _: placement.replicated, tree))
 
 
 def place_stream_chunk(gather: Callable[[np.ndarray], Any], rows: np.ndarray,
