@@ -62,7 +62,7 @@ def single_minibatch():
     return vj.fit(LOGREG, DATA, batch_size=64, **KW)
 
 
-@pytest.mark.parametrize("devices", [4, 8])
+@pytest.mark.parametrize("devices", [4, pytest.param(8, marks=pytest.mark.slow)])
 def test_minibatch_fit_split_over_devices_equals_one_device(single_minibatch, devices):
     res = vj.fit(LOGREG, DATA, batch_size=64, mesh=_mesh(devices), **KW)
     _close(res, single_minibatch)
@@ -95,6 +95,7 @@ def test_streamed_fit_split_over_devices_equals_one_device(single_minibatch):
     _close(res, single_minibatch)
 
 
+@pytest.mark.slow
 def test_resume_on_a_mesh_continues_exactly(single_minibatch):
     kw = dict(KW, steps=150)
     first = vj.fit(LOGREG, DATA, batch_size=64, mesh=_mesh(4), **kw)

@@ -108,6 +108,7 @@ def test_lanes_per_batch_pads_each_batch_to_the_devices():
     _assert_same_lanes(ref, got)
 
 
+@pytest.mark.slow
 def test_lanes_stop_on_their_own_as_unsharded():
     ref, got = _fit(None, rule=True), _fit(4, rule=True)
     _assert_same_lanes(ref, got)
