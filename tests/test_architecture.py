@@ -44,7 +44,7 @@ LAYERS = (
     ("trust", ("vijax.trust", "vijax.local_weights")),
     ("driver", ("vijax.driver", "vijax.driver_local")),
     ("stages", ("vijax.stages",)),
-    ("fit", ("vijax.fit", "vijax.many")),
+    ("fit", ("vijax.fit", "vijax.many", "vijax.lanes")),
     ("analysis", ("vijax.predictive", "vijax.checkpoint.read", "vijax.io",
                   "vijax.local_result", "vijax.nn.results", "vijax.nn", "vijax.metrics")),
     ("caches", ("vijax.caches",)),
